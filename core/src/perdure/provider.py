@@ -1,0 +1,379 @@
+"""The Provider contract: what a storage backend must do for the runtime and the client.
+
+A provider is storage plus two peek-lock queues, never an orchestration engine: it stores events
+and messages as given, never invents event or execution ids, and never decides control flow. The
+runtime passes every piece of routing data explicitly (instance ids, visibility times, the
+identity of an activity to cancel), so a provider never parses an event's kind.
+
+The invariants below are enforced by the conformance suite (``perdure-provider-tests``); each
+sentence of the form "must" is a test there.
+
+Orchestrator queue (messages for instances):
+    * A fetch locks an *instance*, not a message: the lock lives apart from the messages and
+      tags every message of that instance visible at fetch time. Messages that arrive later are
+      not tagged and must survive the ack.
+    * Two fetchers never hold the same instance at once; a lock whose lease (``locked_until``)
+      has passed may be taken by another fetcher, and the old token is then invalid.
+    * Each fetch raises the attempt count of every message it tags; the item reports the
+      maximum over its messages. This drives poison handling in the runtime.
+    * An ack is one atomic transaction and validates the lock at commit time: append history
+      (append-only; a duplicate event id is rejected, nothing is overwritten), create the
+      instance if it does not exist (instances are created only here, never by an enqueue),
+      record the execution, apply status, output and custom status, insert the new worker and
+      orchestrator messages, *then* delete the cancelled activities (so scheduling and
+      cancelling one activity in the same ack leaves nothing behind), delete the tagged
+      messages and release the lock. On any error nothing of it is applied.
+    * A message with ``visible_at_ms`` in the future (a durable timer, an abandon delay) is not
+      fetched before that time.
+
+Worker queue (activity executions):
+    * A fetch leases single items, oldest first, and raises their attempt counts.
+    * An ack deletes the item and enqueues its completion in one transaction, only while the
+      lease is still held. If the row is gone (cancelled by an orchestration ack) or the lease
+      expired, the ack fails permanently: that is how a worker learns its activity was cancelled.
+    * A renewal of a lease that is gone or expired fails the same way.
+
+Errors:
+    Every failure is a :class:`ProviderError` whose ``retryable`` says whether the same call may
+    succeed later (busy database, dropped connection) or never will (bad lock token, duplicate
+    event id, corrupt data). An undecodable history is reported by :meth:`Provider.read_history`
+    as a permanent error; an undecodable queue message is reported on the fetched item, never
+    raised while a lock is held.
+
+Batches:
+    Fetch and ack take and return several items so that a busy runtime pays one round trip (and
+    one durable commit) for many turns. Each ack in a batch stands alone: one that fails is
+    reported in its slot of the result and never undoes or blocks the others.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from perdure.history import (
+    ActivityExecute,
+    ActivityRef,
+    ErrorDetails,
+    Event,
+    Message,
+    ParentRef,
+)
+
+InstanceStatus = Literal["running", "completed", "failed", "cancelled"]
+ExecutionStatus = Literal["running", "completed", "failed", "cancelled", "continued_as_new"]
+Queue = Literal["orchestrator", "worker"]
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class ProviderError(Exception):
+    """A provider call failed.
+
+    ``retryable`` is True when the same call may succeed later (database busy or locked, a
+    dropped connection, a timeout) and False when it never will (an invalid or expired lock, a
+    duplicate event id, corrupt data, bad input).
+    """
+
+    def __init__(self, operation: str, message: str, *, retryable: bool) -> None:
+        super().__init__(f"{operation}: {message}")
+        self.operation = operation
+        self.message = message
+        self.retryable = retryable
+
+    @classmethod
+    def lock_lost(cls, operation: str, lock_token: str) -> ProviderError:
+        """The lock or lease behind ``lock_token`` is invalid, expired or was never granted."""
+        return cls(operation, f"lock {lock_token!r} is not held (invalid, expired or released)", retryable=False)
+
+    def __repr__(self) -> str:
+        kind = "retryable" if self.retryable else "permanent"
+        return f"ProviderError({self.operation!r}, {self.message!r}, {kind})"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a provider supports beyond the required contract.
+
+    The conformance suite skips the tests of a capability a provider does not declare, and says
+    so in its report.
+    """
+
+    #: ``wait_for_work`` returns early when work arrives (otherwise it simply sleeps).
+    wakeups: bool = False
+    #: Wake-ups also reach other processes sharing the store (e.g. LISTEN/NOTIFY).
+    cross_process: bool = False
+    #: The store can be shared by several processes at once.
+    multi_process: bool = False
+    #: Largest payload (input, result, event data) the provider accepts, in bytes.
+    max_payload_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    """The stored state of one orchestration instance (its current execution)."""
+
+    instance_id: str
+    name: str
+    version: str | None
+    execution_id: int
+    status: ExecutionStatus
+    #: JSON text: the result when completed, the input of the next execution when continued,
+    #: an encoded :class:`~perdure.history.ErrorDetails` when failed or cancelled.
+    output: str | None
+    parent_instance_id: str | None
+    custom_status: str | None
+    custom_status_version: int
+    #: The highest event id stored for the current execution (0 before the first ack).
+    last_event_id: int
+    created_at_ms: int
+    updated_at_ms: int
+
+
+@dataclass(slots=True)
+class OrchestrationItem:
+    """A locked instance and the messages tagged for it by one fetch."""
+
+    instance_id: str
+    lock_token: str
+    attempt_count: int
+    messages: list[Message]
+    #: ``None`` until the first ack of the instance has created it.
+    instance: InstanceInfo | None
+    #: Messages that could not be decoded (they are tagged too and deleted by the ack).
+    bad_messages: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class OrchestrationAck:
+    """Everything one orchestration turn commits, atomically.
+
+    ``name``, ``version`` and ``parent`` describe the instance so the ack can create it.
+    ``status`` and ``output`` are set when the turn starts or ends an execution.
+    ``custom_status`` is written only when ``custom_status_changed`` is True (``None`` clears it).
+    """
+
+    lock_token: str
+    instance_id: str
+    execution_id: int
+    name: str
+    version: str | None = None
+    parent: ParentRef | None = None
+    history: Sequence[Event] = ()
+    worker_items: Sequence[ActivityExecute] = ()
+    orchestrator_items: Sequence[Message] = ()
+    cancelled_activities: Sequence[ActivityRef] = ()
+    status: ExecutionStatus | None = None
+    output: str | None = None
+    custom_status_changed: bool = False
+    custom_status: str | None = None
+
+
+@dataclass(slots=True)
+class WorkItemLease:
+    """A leased activity execution.
+
+    ``ref`` comes from the provider's routing columns, so it is known even when the stored
+    payload could not be decoded (then ``item`` is ``None`` and ``decode_error`` says why).
+    """
+
+    lock_token: str
+    attempt_count: int
+    ref: ActivityRef
+    item: ActivityExecute | None
+    decode_error: str | None = None
+
+
+@dataclass(slots=True)
+class WorkItemAck:
+    """Complete a leased activity: delete it and enqueue ``completion`` (if any) atomically."""
+
+    lock_token: str
+    completion: Message | None
+
+
+class Provider(abc.ABC):
+    """A storage backend for perdure. See the module docstring for the invariants.
+
+    Every method may raise :class:`ProviderError`. All times are in seconds of wall clock
+    (``time.time()``) unless a name says ``_ms``.
+    """
+
+    #: A short name for logs and reports ("sqlite", "postgres", ...).
+    name: str = "unknown"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this provider supports; see :class:`Capabilities`."""
+        return Capabilities()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and prepare storage (migrations included, unless disabled). Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads. Idempotent."""
+
+    async def __aenter__(self) -> Provider:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- orchestrator queue ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def fetch_orchestration_items(self, limit: int, lock_timeout: float) -> list[OrchestrationItem]:
+        """Lock up to ``limit`` distinct instances that have visible messages, oldest work first.
+
+        Each returned item holds an instance lock valid for ``lock_timeout`` seconds and every
+        message of that instance visible now, tagged with the lock token. Returns an empty list
+        when no unlocked instance has visible work (never because of a lost race with another
+        fetcher while other work is eligible).
+        """
+
+    @abc.abstractmethod
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
+        """Commit each turn atomically; return, per ack and in order, ``None`` or its error.
+
+        An ack whose lock is not held (wrong token, expired, already acked) fails permanently
+        and changes nothing. One failing ack never affects the others of the batch.
+        """
+
+    @abc.abstractmethod
+    async def abandon_orchestration_item(
+        self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
+    ) -> None:
+        """Release an instance lock without committing anything.
+
+        With ``delay`` the tagged messages stay invisible for that many seconds. With
+        ``ignore_attempt`` the fetch is not counted (attempt counts go back down, never below 0).
+        An invalid or expired token raises a permanent error.
+        """
+
+    @abc.abstractmethod
+    async def renew_orchestration_lock(self, lock_token: str, lock_timeout: float) -> None:
+        """Extend a held instance lock to ``lock_timeout`` seconds from now.
+
+        Raises a permanent error if the lock is not held (invalid token, expired, released).
+        """
+
+    # -- worker queue ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def fetch_work_items(self, limit: int, lock_timeout: float) -> list[WorkItemLease]:
+        """Lease up to ``limit`` visible, unleased (or lease-expired) activity items, oldest first."""
+
+    @abc.abstractmethod
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
+        """Delete each leased item and enqueue its completion atomically; return per-ack errors.
+
+        Fails permanently (in that ack's slot) if the item is gone or its lease is not held.
+        """
+
+    @abc.abstractmethod
+    async def abandon_work_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
+        """Release a lease without completing; semantics of ``delay`` and ``ignore_attempt`` as for
+        :meth:`abandon_orchestration_item`. An invalid or expired token raises a permanent error.
+        """
+
+    @abc.abstractmethod
+    async def renew_work_item_locks(self, lock_tokens: Sequence[str], lock_timeout: float) -> list[bool]:
+        """Extend each held lease to ``lock_timeout`` seconds from now.
+
+        Returns, per token, whether the lease is still held. False means the item was cancelled
+        (its row deleted) or the lease expired or was taken: the worker should stop the activity.
+        """
+
+    # -- client side -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def enqueue_orchestrator_messages(self, messages: Sequence[Message]) -> None:
+        """Append messages to the orchestrator queue, visible at their ``visible_at_ms`` (or now).
+
+        Never creates an instance; messages may arrive before their instance exists.
+        """
+
+    @abc.abstractmethod
+    async def read_history(self, instance_id: str, execution_id: int | None = None) -> list[Event]:
+        """The history of one execution (the current one by default), ordered by event id.
+
+        Empty if the instance or execution does not exist. Raises a permanent error if a stored
+        event cannot be decoded; events are never silently dropped.
+        """
+
+    @abc.abstractmethod
+    async def get_instance(self, instance_id: str) -> InstanceInfo | None:
+        """The instance's stored state, or ``None`` if it has not been created."""
+
+    async def get_custom_status(self, instance_id: str, last_seen_version: int) -> tuple[str | None, int] | None:
+        """``(custom_status, version)`` if the version is above ``last_seen_version``, else ``None``.
+
+        ``None`` also for an unknown instance. A new instance has status ``None`` at version 0.
+        """
+        info = await self.get_instance(instance_id)
+        if info is None or info.custom_status_version <= last_seen_version:
+            return None
+        return info.custom_status, info.custom_status_version
+
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
+        """Wait until work may be available on ``queue``, at most ``timeout`` seconds.
+
+        The default sleeps the whole timeout (plain polling). Providers that declare
+        ``capabilities.wakeups`` return as soon as work may have arrived; a spurious early
+        return is allowed, a late one costs latency but never correctness.
+        """
+        await asyncio.sleep(timeout)
+
+    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
+        """Wait until the instance's stored state may have changed, at most ``timeout`` seconds.
+
+        Used by clients waiting on an orchestration. The default sleeps the whole timeout.
+        """
+        await asyncio.sleep(timeout)
+
+
+def encode_error(error: ErrorDetails) -> str:
+    """Encode error details as the JSON text stored in ``InstanceInfo.output``."""
+    import json
+
+    return json.dumps(
+        {"kind": error.kind, "type": error.type, "message": error.message, "traceback": error.traceback},
+        separators=(",", ":"),
+    )
+
+
+def decode_error(text: str) -> ErrorDetails:
+    """Inverse of :func:`encode_error`; tolerant of missing fields."""
+    import json
+
+    data = json.loads(text)
+    return ErrorDetails(
+        kind=data.get("kind", "application"),
+        type=data.get("type", "Error"),
+        message=data.get("message", ""),
+        traceback=data.get("traceback"),
+    )
+
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Capabilities",
+    "ExecutionStatus",
+    "InstanceInfo",
+    "InstanceStatus",
+    "OrchestrationAck",
+    "OrchestrationItem",
+    "Provider",
+    "ProviderError",
+    "Queue",
+    "WorkItemAck",
+    "WorkItemLease",
+    "decode_error",
+    "encode_error",
+]
