@@ -1,0 +1,610 @@
+"""The runtime: dispatchers that fetch work from a provider, run it, and commit the results.
+
+Two dispatchers share one provider:
+
+* the orchestration dispatcher fetches batches of locked instances, runs one turn of each in the
+  replay engine and commits every turn with one atomic ack;
+* the worker dispatcher leases activity executions, runs them (sync functions in a thread pool,
+  async ones on the loop), renews their leases while they run, and acks their results.
+
+Acks go through a :class:`_Batcher`: whatever finished while the previous ack was committing is
+committed together in the next provider call, so a busy runtime pays one durable commit for many
+turns while an idle one commits at once. Live orchestration coroutines are kept in a bounded LRU
+cache, so a turn on a cached instance reads no history and replays nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from perdure import history as h
+from perdure.client import Client
+from perdure.context import ActivityContext, orchestration_body
+from perdure.engine import Engine, TurnResult, error_details
+from perdure.errors import NondeterminismError
+from perdure.limits import HISTORY_WARNING_EVENTS, check_payload
+from perdure.provider import (
+    OrchestrationAck,
+    OrchestrationItem,
+    Provider,
+    ProviderError,
+    WorkItemAck,
+    WorkItemLease,
+    encode_error,
+)
+from perdure.registry import Registry
+from perdure.serialization import dumps, loads
+
+_log = logging.getLogger("perdure.runtime")
+
+A = TypeVar("A")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """Knobs of a :class:`Runtime`; the defaults suit most deployments.
+
+    Attributes:
+        orchestration_dispatchers: concurrent fetch-run-ack loops for orchestrations.
+        orchestration_batch: most instances locked per fetch.
+        activity_concurrency: most activities running at once in this process.
+        worker_batch: most activities leased per fetch.
+        thread_pool_size: threads for sync activities (default: ``activity_concurrency``).
+        orchestration_lock_timeout: instance lock lease, seconds.
+        activity_lock_timeout: activity lease, seconds; renewed every third of it while running.
+        poll_interval: longest idle wait between fetches (wake-ups usually come sooner).
+        max_attempts: fetches of one message before it is treated as poison and its instance or
+            activity failed with the poison details.
+        unknown_name_backoff: first delay, seconds, before retrying work whose orchestration or
+            activity is not registered here (a rolling deploy may bring it); doubles per attempt.
+        unknown_name_max_backoff: cap of that delay.
+        cache_size: live orchestrations kept in memory (0 disables the cache; results are the same).
+        shutdown_timeout: how long shutdown waits for in-flight activities by default.
+    """
+
+    orchestration_dispatchers: int = 2
+    orchestration_batch: int = 64
+    activity_concurrency: int = 64
+    worker_batch: int = 64
+    thread_pool_size: int | None = None
+    orchestration_lock_timeout: float = 30.0
+    activity_lock_timeout: float = 30.0
+    poll_interval: float = 1.0
+    max_attempts: int = 10
+    unknown_name_backoff: float = 1.0
+    unknown_name_max_backoff: float = 60.0
+    cache_size: int = 10_000
+    shutdown_timeout: float = 30.0
+
+
+class _Batcher(Generic[A]):
+    """Coalesce concurrent submissions into one provider call; each caller gets its own result."""
+
+    def __init__(self, call: Callable[[Sequence[A]], Awaitable[list[ProviderError | None]]]) -> None:
+        self._call = call
+        self._pending: list[tuple[A, asyncio.Future[ProviderError | None]]] = []
+        self._flushing = False
+
+    async def submit(self, items: Sequence[A]) -> list[ProviderError | None]:
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in items]
+        self._pending.extend(zip(items, futures, strict=True))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.ensure_future(self._flush())
+        return list(await asyncio.gather(*futures))
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await self._call([item for item, _ in batch])
+                except ProviderError as exc:
+                    results = [exc] * len(batch)
+                except Exception as exc:  # a provider bug must not strand the callers
+                    error = ProviderError("ack", f"unexpected {type(exc).__name__}: {exc}", retryable=True)
+                    results = [error] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._flushing = False
+
+
+class _EngineCache:
+    """A bounded LRU of live engines keyed by instance id, valid for one stored history position."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, Engine] = OrderedDict()
+
+    def get(self, instance_id: str, execution_id: int, last_event_id: int) -> Engine | None:
+        engine = self._items.get(instance_id)
+        if engine is None:
+            return None
+        if engine.execution_id != execution_id or engine.last_event_id != last_event_id:
+            del self._items[instance_id]
+            return None
+        self._items.move_to_end(instance_id)
+        return engine
+
+    def put(self, instance_id: str, engine: Engine) -> None:
+        if self._size <= 0:
+            return
+        self._items[instance_id] = engine
+        self._items.move_to_end(instance_id)
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+
+    def evict(self, instance_id: str) -> None:
+        self._items.pop(instance_id, None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Runtime:
+    """Runs the registered orchestrations and activities against a provider.
+
+    Use as ``async with Runtime(provider, registry) as runtime:`` or call :meth:`start` and
+    :meth:`shutdown`. Any number of runtimes (in one or many processes) may share a provider's
+    store if the provider supports it; each instance is run by one of them at a time.
+    """
+
+    def __init__(self, provider: Provider, registry: Registry, options: RuntimeOptions | None = None) -> None:
+        self.provider = provider
+        self.registry = registry
+        self.options = options or RuntimeOptions()
+        self.client = Client(provider, registry)
+        self._cache = _EngineCache(self.options.cache_size)
+        self._orch_acks: _Batcher[OrchestrationAck] = _Batcher(provider.ack_orchestration_items)
+        self._work_acks: _Batcher[WorkItemAck] = _Batcher(provider.ack_work_items)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._activities: dict[str, tuple[asyncio.Task[None], ActivityContext, h.ActivityRef]] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self._stopping = asyncio.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the provider and start the dispatchers."""
+        if self._running:
+            return
+        await self.provider.open()
+        self._running = True
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.options.activity_concurrency)
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.options.thread_pool_size or self.options.activity_concurrency,
+            thread_name_prefix="perdure-activity",
+        )
+        for _ in range(self.options.orchestration_dispatchers):
+            self._tasks.append(asyncio.create_task(self._orchestration_loop()))
+        self._tasks.append(asyncio.create_task(self._worker_loop()))
+        self._tasks.append(asyncio.create_task(self._renewal_loop()))
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop fetching, let in-flight activities finish within ``timeout``, then stop.
+
+        Activities still running after the timeout get the cancel signal and their leases are
+        released so another worker retries them at once. Orchestration turns in progress finish
+        (they take milliseconds). The provider is left open for the caller to close.
+        """
+        if not self._running:
+            return
+        self._running = False
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        wait = self.options.shutdown_timeout if timeout is None else timeout
+        running = [task for task, _, _ in self._activities.values()]
+        if running:
+            _done, still = await asyncio.wait(running, timeout=wait)
+            for token, (task, ctx, _) in list(self._activities.items()):
+                if task in still:
+                    ctx._cancel()
+                    task.cancel()
+                    try:
+                        await self.provider.abandon_work_item(token, ignore_attempt=True)
+                    except ProviderError as exc:
+                        _log.warning("could not release activity lease at shutdown: %s", exc)
+            await asyncio.gather(*still, return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    # -- orchestrations -----------------------------------------------------------------------
+
+    async def _orchestration_loop(self) -> None:
+        options = self.options
+        failures = 0
+        while True:
+            try:
+                items = await self.provider.fetch_orchestration_items(
+                    options.orchestration_batch, options.orchestration_lock_timeout
+                )
+                failures = 0
+            except ProviderError as exc:
+                failures += 1
+                await self._backoff("fetch orchestration work", exc, failures)
+                continue
+            if not items:
+                await self.provider.wait_for_work("orchestrator", options.poll_interval)
+                continue
+            acks = [ack for ack in await asyncio.gather(*(self._turn(item) for item in items)) if ack is not None]
+            if acks:
+                await self._commit_turns(acks)
+
+    async def _backoff(self, what: str, error: ProviderError, failures: int) -> None:
+        delay = min(0.05 * 2 ** min(failures, 10), self.options.poll_interval * 5)
+        level = logging.WARNING if failures < 5 or not error.retryable else logging.ERROR
+        _log.log(level, "could not %s (%s); retrying in %.2f s", what, error, delay)
+        await asyncio.sleep(delay)
+
+    async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
+        pending = acks
+        for attempt in range(1, 4):
+            results = await self._orch_acks.submit(pending)
+            retry: list[OrchestrationAck] = []
+            for ack, error in zip(pending, results, strict=True):
+                if error is None:
+                    self._after_commit(ack)
+                    continue
+                self._cache.evict(ack.instance_id)
+                if error.retryable and attempt < 3:
+                    retry.append(ack)
+                else:
+                    _log.warning("turn of %r was not committed (%s); it will run again", ack.instance_id, error)
+                    if error.retryable:
+                        await self._abandon_turn(ack.lock_token)
+            if not retry:
+                return
+            await asyncio.sleep(0.05 * attempt)
+            pending = retry
+
+    def _after_commit(self, ack: OrchestrationAck) -> None:
+        """Tell activities of this process that the committed turn cancelled them."""
+        for ref in ack.cancelled_activities:
+            for _task, ctx, running_ref in self._activities.values():
+                if running_ref == ref:
+                    ctx._cancel()
+
+    async def _abandon_turn(self, lock_token: str, delay: float = 0.0) -> None:
+        try:
+            await self.provider.abandon_orchestration_item(lock_token, delay=delay)
+        except ProviderError as exc:
+            _log.debug("abandon failed (the lock will expire instead): %s", exc)
+
+    async def _turn(self, item: OrchestrationItem) -> OrchestrationAck | None:
+        """Run one turn for a locked instance; return its ack, or None if it was abandoned."""
+        instance = item.instance
+        for problem in item.bad_messages:
+            _log.error("dropping undecodable message for %r: %s", item.instance_id, problem)
+        start = next((m for m in item.messages if isinstance(m, h.StartOrchestration | h.ContinueAsNew)), None)
+        if instance is None or instance.status == "continued_as_new":
+            if start is None or (
+                instance is not None
+                and not (isinstance(start, h.ContinueAsNew) and start.execution_id == instance.execution_id + 1)
+            ):
+                return self._empty_ack(item, "the instance has not started")
+            execution_id = start.execution_id if isinstance(start, h.ContinueAsNew) else 1
+            name, version, last_event_id = start.name, start.version, 0
+        elif instance.status != "running":
+            return self._empty_ack(item, f"the instance is {instance.status}")
+        else:
+            execution_id, name, version = instance.execution_id, instance.name, instance.version
+            last_event_id = instance.last_event_id
+
+        if item.attempt_count > self.options.max_attempts:
+            return await self._poison(item, name, version, execution_id, last_event_id, start)
+
+        definition = self.registry.orchestration_def(name, version)
+        if definition is None:
+            delay = min(
+                self.options.unknown_name_backoff * 2 ** (item.attempt_count - 1), self.options.unknown_name_max_backoff
+            )
+            _log.warning(
+                "orchestration %r%s of %r is not registered here; retrying in %.1f s (attempt %d of %d)",
+                name,
+                f" version {version!r}" if version else "",
+                item.instance_id,
+                delay,
+                item.attempt_count,
+                self.options.max_attempts,
+            )
+            await self._abandon_turn(item.lock_token, delay)
+            return None
+
+        engine = self._cache.get(item.instance_id, execution_id, last_event_id)
+        if engine is None:
+            engine = Engine(
+                instance_id=item.instance_id,
+                execution_id=execution_id,
+                name=name,
+                body=orchestration_body(definition, self.registry),
+            )
+            if last_event_id > 0:
+                try:
+                    history = await self.provider.read_history(item.instance_id, execution_id)
+                except ProviderError as exc:
+                    _log.error("cannot read history of %r: %s", item.instance_id, exc)
+                    await self._abandon_turn(item.lock_token, 1.0)
+                    return None
+                try:
+                    engine.replay(history)
+                except NondeterminismError as exc:
+                    return self._failure_ack(item, engine, name, version, error_details(exc, "nondeterminism"))
+                if last_event_id >= HISTORY_WARNING_EVENTS and len(history) == last_event_id:
+                    _log.warning(
+                        "history of %r has %d events; consider ctx.continue_as_new to keep turns fast",
+                        item.instance_id,
+                        last_event_id,
+                    )
+        turn = engine.run_turn(_now_ms(), item.messages)
+        for reason in turn.dropped:
+            _log.debug("instance %r dropped %s", item.instance_id, reason)
+        if engine.finished:
+            self._cache.evict(item.instance_id)
+        else:
+            self._cache.put(item.instance_id, engine)
+        return self._ack_for(item, engine, name, version, turn)
+
+    def _ack_for(
+        self, item: OrchestrationItem, engine: Engine, name: str, version: str | None, turn: TurnResult
+    ) -> OrchestrationAck:
+        return OrchestrationAck(
+            lock_token=item.lock_token,
+            instance_id=item.instance_id,
+            execution_id=engine.execution_id,
+            name=name,
+            version=engine.version if engine.version is not None else version,
+            parent=engine.parent,
+            history=turn.new_events,
+            worker_items=turn.worker_items,
+            orchestrator_items=turn.orchestrator_items,
+            cancelled_activities=turn.cancelled_activities,
+            status=turn.status,
+            output=turn.output,
+            custom_status_changed=turn.custom_status_changed,
+            custom_status=turn.custom_status,
+        )
+
+    def _empty_ack(self, item: OrchestrationItem, why: str) -> OrchestrationAck:
+        for message in item.messages:
+            _log.info("dropping %s for %r: %s", message.TYPE, item.instance_id, why)
+        instance = item.instance
+        return OrchestrationAck(
+            lock_token=item.lock_token,
+            instance_id=item.instance_id,
+            execution_id=instance.execution_id if instance else 0,
+            name=instance.name if instance else "",
+            version=instance.version if instance else None,
+        )
+
+    def _failure_ack(
+        self, item: OrchestrationItem, engine: Engine, name: str, version: str | None, details: h.ErrorDetails
+    ) -> OrchestrationAck:
+        """Fail an instance whose replay broke (nondeterminism): one terminal event after history."""
+        _log.error("instance %r failed: %s", item.instance_id, details.message)
+        self._cache.evict(item.instance_id)
+        last = item.instance.last_event_id if item.instance else 0
+        turn = TurnResult(
+            new_events=[h.OrchestrationFailed(event_id=last + 1, timestamp_ms=_now_ms(), error=details)],
+            status="failed",
+            output=encode_error(details),
+        )
+        if engine.parent is not None:
+            turn.orchestrator_items.append(_parent_error(engine.parent, details))
+        return self._ack_for(item, engine, name, version, turn)
+
+    async def _poison(
+        self,
+        item: OrchestrationItem,
+        name: str,
+        version: str | None,
+        execution_id: int,
+        last_event_id: int,
+        start: h.StartOrchestration | h.ContinueAsNew | None,
+    ) -> OrchestrationAck:
+        """Fail an instance whose messages were fetched too often (a crash loop or bad data)."""
+        details = h.ErrorDetails(
+            "poison",
+            "PoisonMessage",
+            f"instance {item.instance_id!r} was fetched {item.attempt_count} times without completing a turn "
+            f"(max_attempts={self.options.max_attempts}); its last messages were "
+            + ", ".join(m.TYPE for m in item.messages),
+        )
+        _log.error("%s", details.message)
+        self._cache.evict(item.instance_id)
+        now = _now_ms()
+        events: list[h.Event] = []
+        parent: h.ParentRef | None = None
+        if last_event_id == 0 and start is not None:
+            parent = start.parent
+            events.append(
+                h.OrchestrationStarted(
+                    event_id=1, timestamp_ms=now, name=name, version=version, input=start.input, parent=parent
+                )
+            )
+        else:
+            try:
+                first = (await self.provider.read_history(item.instance_id, execution_id))[:1]
+                if first and isinstance(first[0], h.OrchestrationStarted):
+                    parent = first[0].parent
+            except ProviderError as exc:
+                _log.error("cannot find the parent of poisoned %r: %s", item.instance_id, exc)
+        events.append(h.OrchestrationFailed(event_id=last_event_id + len(events) + 1, timestamp_ms=now, error=details))
+        return OrchestrationAck(
+            lock_token=item.lock_token,
+            instance_id=item.instance_id,
+            execution_id=execution_id,
+            name=name,
+            version=version,
+            parent=parent,
+            history=events,
+            orchestrator_items=[_parent_error(parent, details)] if parent else [],
+            status="failed",
+            output=encode_error(details),
+        )
+
+    # -- activities ---------------------------------------------------------------------------
+
+    async def _worker_loop(self) -> None:
+        options = self.options
+        slots = self._slots
+        assert slots is not None
+        failures = 0
+        while True:
+            await slots.acquire()
+            free = 1
+            while free < options.worker_batch and not slots.locked():
+                await slots.acquire()
+                free += 1
+            try:
+                leases = await self.provider.fetch_work_items(free, options.activity_lock_timeout)
+                failures = 0
+            except ProviderError as exc:
+                for _ in range(free):
+                    slots.release()
+                failures += 1
+                await self._backoff("fetch activity work", exc, failures)
+                continue
+            for _ in range(free - len(leases)):
+                slots.release()
+            if not leases:
+                await self.provider.wait_for_work("worker", options.poll_interval)
+                continue
+            for lease in leases:
+                self._launch(lease)
+
+    def _launch(self, lease: WorkItemLease) -> None:
+        ctx = ActivityContext(
+            instance_id=lease.ref.instance_id,
+            execution_id=lease.ref.execution_id,
+            activity_id=lease.ref.activity_id,
+            name=lease.item.name if lease.item else "?",
+            attempt=lease.attempt_count,
+            client=self.client,
+            loop=asyncio.get_running_loop(),
+        )
+        task = asyncio.create_task(self._run_activity(lease, ctx))
+        self._activities[lease.lock_token] = (task, ctx, lease.ref)
+
+    async def _run_activity(self, lease: WorkItemLease, ctx: ActivityContext) -> None:
+        try:
+            completion = await self._execute(lease, ctx)
+            if completion is not None:
+                (error,) = await self._work_acks.submit([WorkItemAck(lease.lock_token, completion)])
+                if error is not None:
+                    _log.info(
+                        "result of activity %r for %r discarded (%s): it was cancelled or its lease lapsed",
+                        ctx.name,
+                        ctx.instance_id,
+                        error,
+                    )
+        finally:
+            self._activities.pop(lease.lock_token, None)
+            assert self._slots is not None
+            self._slots.release()
+
+    async def _execute(self, lease: WorkItemLease, ctx: ActivityContext) -> h.Message | None:
+        """Run the activity; return its completion message, or None if it was abandoned."""
+        ref = lease.ref
+
+        def failure(details: h.ErrorDetails) -> h.Message:
+            return h.ActivityError(
+                instance_id=ref.instance_id, execution_id=ref.execution_id, source_id=ref.activity_id, error=details
+            )
+
+        item = lease.item
+        if item is None:
+            return failure(h.ErrorDetails("poison", "UndecodableWorkItem", lease.decode_error or "undecodable"))
+        definition = self.registry.activity_def(item.name)
+        if lease.attempt_count > self.options.max_attempts:
+            why = "it is not registered on any worker that fetched it" if definition is None else "it kept crashing"
+            return failure(
+                h.ErrorDetails(
+                    "poison",
+                    "PoisonMessage",
+                    f"activity {item.name!r} was fetched {lease.attempt_count} times without completing: {why}",
+                )
+            )
+        if definition is None:
+            delay = min(
+                self.options.unknown_name_backoff * 2 ** (lease.attempt_count - 1),
+                self.options.unknown_name_max_backoff,
+            )
+            _log.warning("activity %r is not registered here; retrying in %.1f s", item.name, delay)
+            try:
+                await self.provider.abandon_work_item(lease.lock_token, delay=delay)
+            except ProviderError as exc:
+                _log.debug("abandon failed (the lease will expire instead): %s", exc)
+            return None
+        try:
+            args: list[Any] = [ctx] if definition.takes_context else []
+            if definition.takes_input:
+                args.append(loads(item.input, definition.input_type, what=f"input of activity {item.name!r}"))
+            if definition.is_async:
+                value = await definition.fn(*args)
+            else:
+                loop = asyncio.get_running_loop()
+                value = await loop.run_in_executor(self._pool, lambda: definition.fn(*args))
+            what = f"result of activity {item.name!r}"
+            result = check_payload(dumps(value, what=what), what)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return failure(error_details(exc))
+        return h.ActivityResult(
+            instance_id=ref.instance_id, execution_id=ref.execution_id, source_id=ref.activity_id, result=result
+        )
+
+    async def _renewal_loop(self) -> None:
+        """Renew the leases of running activities; a lost lease is the cancel signal."""
+        interval = self.options.activity_lock_timeout / 3
+        while True:
+            await asyncio.sleep(interval)
+            tokens = list(self._activities)
+            if not tokens:
+                continue
+            try:
+                held = await self.provider.renew_work_item_locks(tokens, self.options.activity_lock_timeout)
+            except ProviderError as exc:
+                _log.warning("could not renew activity leases: %s", exc)
+                continue
+            for token, ok in zip(tokens, held, strict=True):
+                entry = self._activities.get(token)
+                if not ok and entry is not None:
+                    entry[1]._cancel()
+
+
+def _parent_error(parent: h.ParentRef, details: h.ErrorDetails) -> h.Message:
+    return h.SubOrchestrationError(
+        instance_id=parent.instance_id, execution_id=parent.execution_id, source_id=parent.source_id, error=details
+    )
+
+
+__all__ = ["Runtime", "RuntimeOptions"]
