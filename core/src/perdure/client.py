@@ -90,8 +90,8 @@ class OrchestrationStatus:
 class Client:
     """Start and observe orchestrations.
 
-    ``registry`` is optional: with it, ``start_orchestration`` accepts decorated functions and
-    checks the name is known; without it, pass names as strings.
+    ``registry`` is optional and only documents which code the caller means; decorated functions
+    are recognised without it, and string names are passed through unchecked.
     """
 
     def __init__(self, provider: Provider, registry: Registry | None = None) -> None:
@@ -202,10 +202,9 @@ class Client:
 
     def _orchestration_name(self, orchestration: Callable[..., Any] | str) -> str:
         if isinstance(orchestration, str):
-            name = validate_name(orchestration, "orchestration name")
-            if self.registry is not None:
-                self.registry.require_orchestration(name)
-            return name
+            # Not checked against the registry: in a rolling deploy the runtime that knows the
+            # name may not be this process's. An unknown name is retried, then failed as poison.
+            return validate_name(orchestration, "orchestration name")
         found = definition_of(orchestration)
         if not isinstance(found, OrchestrationDef):
             raise TypeError(

@@ -46,6 +46,9 @@ _log = logging.getLogger("perdure.runtime")
 
 A = TypeVar("A")
 
+#: Seconds a cancelled activity gets to stop by itself at shutdown before it is abandoned.
+_CANCEL_GRACE = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class RuntimeOptions:
@@ -200,8 +203,8 @@ class Runtime:
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop fetching, let in-flight activities finish within ``timeout``, then stop.
 
-        Activities still running after the timeout get the cancel signal and their leases are
-        released so another worker retries them at once. Orchestration turns in progress finish
+        Activities still running after the timeout get the cancel signal and one more second;
+        then their leases are released so another worker retries them at once. Orchestration turns in progress finish
         (they take milliseconds). The provider is left open for the caller to close.
         """
         if not self._running:
@@ -216,9 +219,13 @@ class Runtime:
         running = [task for task, _, _ in self._activities.values()]
         if running:
             _done, still = await asyncio.wait(running, timeout=wait)
-            for token, (task, ctx, _) in list(self._activities.items()):
-                if task in still:
+            if still:
+                # Ask politely first, then stop waiting; the leases go back to the queue.
+                for _task, ctx, _ref in self._activities.values():
                     ctx._cancel()
+                _done, still = await asyncio.wait(still, timeout=_CANCEL_GRACE)
+            for token, (task, _ctx, _ref) in list(self._activities.items()):
+                if task in still:
                     task.cancel()
                     try:
                         await self.provider.abandon_work_item(token, ignore_attempt=True)
@@ -430,11 +437,16 @@ class Runtime:
         start: h.StartOrchestration | h.ContinueAsNew | None,
     ) -> OrchestrationAck:
         """Fail an instance whose messages were fetched too often (a crash loop or bad data)."""
+        why = (
+            f"orchestration {name!r} is not registered on any runtime that fetched it"
+            if self.registry.orchestration_def(name, version) is None
+            else "its turns kept failing to commit"
+        )
         details = h.ErrorDetails(
             "poison",
             "PoisonMessage",
             f"instance {item.instance_id!r} was fetched {item.attempt_count} times without completing a turn "
-            f"(max_attempts={self.options.max_attempts}); its last messages were "
+            f"(max_attempts={self.options.max_attempts}): {why}; its last messages were "
             + ", ".join(m.TYPE for m in item.messages),
         )
         _log.error("%s", details.message)
