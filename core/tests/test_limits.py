@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -212,6 +213,18 @@ def test_kv_value_limit_names_the_key() -> None:
     assert check_kv_value(at_limit, "cart") is at_limit
     with pytest.raises(LimitExceeded, match=r"^value of key 'cart' is 65,537 bytes"):
         check_kv_value(at_limit + "v", "cart")
+
+
+def test_limit_exceeded_survives_copy() -> None:
+    with pytest.raises(LimitExceeded) as info:
+        check_custom_status("s" * (MAX_CUSTOM_STATUS_BYTES + 1))
+    clone = copy.deepcopy(info.value)
+    assert str(clone) == str(info.value)
+    assert (clone.what, clone.size, clone.limit) == (
+        "custom status",
+        MAX_CUSTOM_STATUS_BYTES + 1,
+        MAX_CUSTOM_STATUS_BYTES,
+    )
 
 
 def test_public_names() -> None:

@@ -43,7 +43,7 @@ class LimitExceeded(ValueError):
     ``what`` names it, ``size`` is its size and ``limit`` the largest size allowed (both in bytes).
     """
 
-    def __init__(self, message: str, *, what: str, size: int, limit: int) -> None:
+    def __init__(self, message: str, *, what: str = "", size: int = 0, limit: int = 0) -> None:
         super().__init__(message)
         self.what = what
         self.size = size

@@ -419,18 +419,19 @@ def _text(text: object, what: str) -> str:
     )
 
 
-# Decoders are cached twice. ``_BY_ID`` maps id(annotation) to (annotation, decoder) and is read
-# without a lock: an identity hit is the common case (annotations are long-lived objects). ``_CACHE``
-# is keyed by the annotation and its repr, because ``int | str == str | int`` while a union is
-# tried in order. Builds run under ``_LOCK``; decoders being built (a dataclass may refer to
-# itself) wait in ``_PENDING`` and are published only when the outermost build succeeds, so no
-# thread ever sees a half-built decoder.
+# Decoders are cached twice. ``_BY_ID`` maps id(annotation) to (annotation, decoder): an identity
+# hit is the common case, since annotations usually come from signatures and live as long as the
+# program. ``_CACHE`` catches equal annotations built afresh (``list[int]`` is a new object each
+# time it is written). Its key is structural and keeps the order of union members, because
+# ``int | str == str | int`` while a union is tried in order. Builds run under ``_LOCK``; decoders
+# being built (a dataclass may refer to itself) wait in ``_PENDING`` and are published only when
+# the outermost build succeeds, so no thread ever sees a half-built decoder.
 _BY_ID: dict[int, tuple[object, _Convert]] = {}
 _BY_ID_MAX = 4096
 _CACHE: dict[object, _Convert] = {}
 _PENDING: dict[object, _Convert] = {}
 _LOCK = threading.RLock()
-_depth = 0
+_depth = 0  # nesting of builds in the thread holding _LOCK
 
 
 def _decoder(tp: object) -> _Convert:
@@ -440,11 +441,29 @@ def _decoder(tp: object) -> _Convert:
     return _decoder_slow(tp)
 
 
+def _structure(tp: object) -> object:
+    if isinstance(tp, type):
+        return tp
+    args = getattr(tp, "__args__", None)
+    if args is None or args.__class__ is not tuple:
+        return tp
+    # Non-type arguments (Literal values) carry their class: Literal[1] is not Literal[True].
+    return (
+        getattr(tp, "__origin__", None) or type(tp),
+        tuple(
+            [
+                _structure(a) if hasattr(a, "__args__") or isinstance(a, type) else (a.__class__, a)
+                for a in args
+            ]
+        ),
+    )
+
+
 def _cache_key(tp: object) -> object:
-    key = tp if isinstance(tp, type) else (tp, repr(tp))
+    key = _structure(tp)
     try:
         hash(key)
-    except TypeError:  # e.g. Annotated with unhashable metadata: build every time
+    except TypeError:  # e.g. unhashable Literal values: build every time
         return None
     return key
 
@@ -452,28 +471,31 @@ def _cache_key(tp: object) -> object:
 def _decoder_slow(tp: object) -> _Convert:
     global _depth
     key = _cache_key(tp)
-    with _LOCK:
-        decode = None if key is None else (_CACHE.get(key) or _PENDING.get(key))
-        if decode is None:
-            _depth += 1
-            try:
-                decode = _build_decoder(tp, key)
-                if key is not None:
-                    _PENDING[key] = decode
-            except BaseException:
-                if _depth == 1:
+    decode = None if key is None else _CACHE.get(key)  # published decoders are complete
+    if decode is None:
+        with _LOCK:
+            decode = None if key is None else (_CACHE.get(key) or _PENDING.get(key))
+            if decode is None:
+                _depth += 1
+                try:
+                    decode = _build_decoder(tp, key)
+                    if key is not None:
+                        _PENDING[key] = decode
+                except BaseException:
+                    if _depth == 1:
+                        _PENDING.clear()
+                    raise
+                finally:
+                    _depth -= 1
+                if _depth == 0:
+                    _CACHE.update(_PENDING)
                     _PENDING.clear()
-                raise
-            finally:
-                _depth -= 1
-            if _depth == 0:
-                _CACHE.update(_PENDING)
-                _PENDING.clear()
-        if _depth == 0:
-            if len(_BY_ID) >= _BY_ID_MAX:
-                _BY_ID.clear()
-            _BY_ID[id(tp)] = (tp, decode)
-        return decode
+            if _depth > 0:  # part of an outer build: publish nothing yet
+                return decode
+    if len(_BY_ID) >= _BY_ID_MAX:
+        _BY_ID.clear()
+    _BY_ID[id(tp)] = (tp, decode)
+    return decode
 
 
 def _lookup(table: dict[object, _T], tp: object) -> _T | None:
