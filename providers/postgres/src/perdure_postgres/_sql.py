@@ -1,0 +1,370 @@
+"""Every SQL statement of the provider, rendered once per schema.
+
+Statements are parameterised (``%(name)s`` placeholders, explicit casts so a generic prepared
+plan knows every type); the schema is a quoted identifier. Each provider call is one statement
+(one round trip) except batched acks, which pipeline several statements in one transaction.
+
+``NOW`` is the database clock in milliseconds. ``statement_timestamp()`` is stable within a
+statement, so a predicate using it can use an index and every row of a statement sees one "now".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg import sql
+
+NOW = "(extract(epoch FROM statement_timestamp()) * 1000)::bigint"
+
+TERMINAL = "('completed', 'failed', 'cancelled', 'continued_as_new')"
+
+_FETCH_ORCHESTRATION = """
+WITH scan AS MATERIALIZED (
+    SELECT q.instance_id, row_number() OVER (ORDER BY q.visible_at_ms, q.id) AS rn
+    FROM (
+        SELECT q.instance_id, q.visible_at_ms, q.id
+        FROM {s}.orchestrator_queue q
+        WHERE q.visible_at_ms <= {now}
+          AND q.instance_id <> ALL (%(exclude)s::text[])
+          AND NOT EXISTS (
+              SELECT 1 FROM {s}.instance_locks l
+              WHERE l.instance_id = q.instance_id AND l.locked_until_ms > {now})
+        ORDER BY q.visible_at_ms, q.id
+        LIMIT %(scan)s::bigint
+    ) q
+),
+cand AS MATERIALIZED (
+    SELECT instance_id, min(rn) AS rn FROM scan GROUP BY instance_id ORDER BY min(rn)
+),
+won AS MATERIALIZED (
+    SELECT c.instance_id, c.rn FROM cand c
+    WHERE pg_try_advisory_xact_lock(%(ns)s::int4, hashtext(c.instance_id))
+    LIMIT %(limit)s::bigint
+),
+locks AS (
+    INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
+    SELECT w.instance_id, gen_random_uuid()::text, {now} + %(lease_ms)s::bigint
+    FROM won w ORDER BY w.instance_id
+    ON CONFLICT (instance_id) DO UPDATE
+        SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
+        WHERE l.locked_until_ms <= {now}
+    RETURNING l.instance_id, l.lock_token
+),
+tagged AS (
+    UPDATE {s}.orchestrator_queue q
+    SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
+    FROM locks k
+    WHERE q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
+    RETURNING q.instance_id, q.id, q.attempt_count, q.data
+),
+items AS (
+    SELECT k.instance_id, k.lock_token, w.rn,
+           max(t.attempt_count) AS attempt_count,
+           array_agg(t.id ORDER BY t.id) FILTER (WHERE t.id IS NOT NULL) AS ids,
+           array_agg(t.data ORDER BY t.id) FILTER (WHERE t.id IS NOT NULL) AS datas
+    FROM locks k
+    JOIN won w ON w.instance_id = k.instance_id
+    LEFT JOIN tagged t ON t.instance_id = k.instance_id
+    GROUP BY k.instance_id, k.lock_token, w.rn
+)
+SELECT c.scanned, c.candidates,
+       it.instance_id, it.lock_token, it.attempt_count, it.ids, it.datas,
+       e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
+       i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
+FROM (SELECT (SELECT count(*) FROM scan) AS scanned,
+             (SELECT array_agg(instance_id) FROM cand) AS candidates) c
+LEFT JOIN items it ON true
+LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
+LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+ORDER BY it.rn
+"""
+
+_RELEASE_EMPTY_LOCKS = """
+DELETE FROM {s}.instance_locks WHERE lock_token = ANY (%(tokens)s::text[])
+"""
+
+_ACK_ORCHESTRATION = """
+WITH a AS MATERIALIZED (
+    SELECT * FROM unnest(
+        %(idx)s::int[], %(instance_id)s::text[], %(token)s::text[], %(execution_id)s::bigint[],
+        %(parent)s::text[], %(cs_changed)s::bool[], %(cs)s::text[], %(name)s::text[], %(version)s::text[],
+        %(status)s::text[], %(output)s::text[], %(last_event_id)s::bigint[]
+    ) AS a(idx, instance_id, token, execution_id, parent, cs_changed, cs, name, version, status, output,
+           last_event_id)
+    ORDER BY a.instance_id
+),
+-- Validate the lock (token and lease) and release it; every step below joins this one, so an ack
+-- whose lock is not held changes nothing. The deleted row stays locked until commit.
+lk AS (
+    DELETE FROM {s}.instance_locks l USING a
+    WHERE l.instance_id = a.instance_id AND l.lock_token = a.token AND l.locked_until_ms > {now}
+    RETURNING a.*
+),
+inst AS (
+    INSERT INTO {s}.instances AS i (instance_id, current_execution_id, parent_instance_id, custom_status,
+                                    custom_status_version, created_at_ms, updated_at_ms)
+    SELECT lk.instance_id, lk.execution_id, lk.parent, CASE WHEN lk.cs_changed THEN lk.cs END,
+           CASE WHEN lk.cs_changed THEN 1 ELSE 0 END, {now}, {now}
+    FROM lk
+    ON CONFLICT (instance_id) DO UPDATE SET
+        current_execution_id = greatest(i.current_execution_id, excluded.current_execution_id),
+        custom_status = CASE WHEN excluded.custom_status_version > 0 THEN excluded.custom_status
+                             ELSE i.custom_status END,
+        custom_status_version = i.custom_status_version + excluded.custom_status_version,
+        updated_at_ms = excluded.updated_at_ms
+    RETURNING 1
+),
+-- A new execution row gets everything here; an existing one is updated by ex_upd (which, reading
+-- the statement's snapshot, never sees the rows inserted here).
+ex_new AS (
+    INSERT INTO {s}.executions (instance_id, execution_id, name, version, status, output, last_event_id,
+                                created_at_ms, updated_at_ms, completed_at_ms)
+    SELECT lk.instance_id, lk.execution_id, lk.name, lk.version, coalesce(lk.status, 'running'), lk.output,
+           lk.last_event_id, {now}, {now}, CASE WHEN lk.status IN {terminal} THEN {now} END
+    FROM lk
+    ON CONFLICT (instance_id, execution_id) DO NOTHING
+    RETURNING 1
+),
+ex_upd AS (
+    UPDATE {s}.executions e SET
+        status = coalesce(lk.status, e.status),
+        output = CASE WHEN lk.status IS NULL THEN e.output ELSE lk.output END,
+        last_event_id = greatest(e.last_event_id, lk.last_event_id),
+        updated_at_ms = {now},
+        completed_at_ms = CASE WHEN lk.status IN {terminal} THEN {now} ELSE e.completed_at_ms END
+    FROM lk
+    WHERE e.instance_id = lk.instance_id AND e.execution_id = lk.execution_id
+    RETURNING 1
+),
+-- Append-only: the primary key rejects a duplicate event id and fails the statement.
+hist AS (
+    INSERT INTO {s}.history (instance_id, execution_id, event_id, data, created_at_ms)
+    SELECT lk.instance_id, lk.execution_id, h.event_id, h.data, {now}
+    FROM unnest(%(h_idx)s::int[], %(h_event_id)s::bigint[], %(h_data)s::text[]) AS h(idx, event_id, data)
+    JOIN lk ON lk.idx = h.idx
+    RETURNING 1
+),
+cancel AS MATERIALIZED (
+    SELECT c.instance_id, c.execution_id, c.activity_id
+    FROM unnest(%(c_idx)s::int[], %(c_inst)s::text[], %(c_exec)s::bigint[], %(c_act)s::bigint[])
+        AS c(idx, instance_id, execution_id, activity_id)
+    JOIN lk ON lk.idx = c.idx
+),
+wq AS (
+    INSERT INTO {s}.worker_queue (instance_id, execution_id, activity_id, data, visible_at_ms, enqueued_at_ms)
+    SELECT w.instance_id, w.execution_id, w.activity_id, w.data, {now}, {now}
+    FROM unnest(%(w_idx)s::int[], %(w_inst)s::text[], %(w_exec)s::bigint[], %(w_act)s::bigint[],
+                %(w_data)s::text[]) AS w(idx, instance_id, execution_id, activity_id, data)
+    JOIN lk ON lk.idx = w.idx
+    -- Scheduled and cancelled in the same ack: the net effect of insert-then-delete is nothing.
+    WHERE NOT EXISTS (
+        SELECT 1 FROM cancel c
+        WHERE c.instance_id = w.instance_id AND c.execution_id = w.execution_id
+          AND c.activity_id = w.activity_id)
+    RETURNING 1
+),
+oq AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
+    SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
+    FROM unnest(%(o_idx)s::int[], %(o_inst)s::text[], %(o_data)s::text[], %(o_vis)s::bigint[])
+        AS o(idx, instance_id, data, visible_at_ms)
+    JOIN lk ON lk.idx = o.idx
+    RETURNING 1
+),
+cx AS (
+    DELETE FROM {s}.worker_queue w USING cancel c
+    WHERE w.instance_id = c.instance_id AND w.execution_id = c.execution_id AND w.activity_id = c.activity_id
+    RETURNING 1
+),
+dq AS (
+    DELETE FROM {s}.orchestrator_queue q USING lk
+    WHERE q.instance_id = lk.instance_id AND q.lock_token = lk.token
+    RETURNING 1
+),
+n AS (
+    SELECT pg_notify(n.channel, n.payload)
+    FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+    WHERE EXISTS (SELECT 1 FROM lk)
+)
+SELECT (SELECT array_agg(idx) FROM lk), (SELECT count(*) FROM n)
+"""
+
+_NOTIFY = """
+SELECT pg_notify(n.channel, n.payload) FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+"""
+
+_ABANDON_ORCHESTRATION = """
+WITH lk AS (
+    DELETE FROM {s}.instance_locks
+    WHERE lock_token = %(token)s::text AND locked_until_ms > {now}
+    RETURNING instance_id
+),
+upd AS (
+    UPDATE {s}.orchestrator_queue q
+    SET lock_token = NULL,
+        visible_at_ms = CASE WHEN %(delay_ms)s::bigint > 0 THEN {now} + %(delay_ms)s::bigint
+                             ELSE q.visible_at_ms END,
+        attempt_count = CASE WHEN %(ignore_attempt)s::bool THEN greatest(q.attempt_count - 1, 0)
+                             ELSE q.attempt_count END
+    FROM lk
+    WHERE q.instance_id = lk.instance_id AND q.lock_token = %(token)s::text
+    RETURNING 1
+)
+SELECT count(*),
+       CASE WHEN count(*) > 0 AND %(payload)s::text IS NOT NULL
+            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+FROM lk
+"""
+
+_RENEW_ORCHESTRATION = """
+UPDATE {s}.instance_locks SET locked_until_ms = {now} + %(lease_ms)s::bigint
+WHERE lock_token = %(token)s::text AND locked_until_ms > {now}
+RETURNING 1
+"""
+
+_FETCH_WORK = """
+WITH picked AS (
+    SELECT id FROM {s}.worker_queue
+    WHERE visible_at_ms <= {now} AND (lock_token IS NULL OR locked_until_ms <= {now})
+    ORDER BY id
+    LIMIT %(limit)s::bigint
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {s}.worker_queue w
+SET lock_token = w.id::text || ':' || gen_random_uuid()::text,
+    locked_until_ms = {now} + %(lease_ms)s::bigint,
+    attempt_count = w.attempt_count + 1
+FROM picked
+WHERE w.id = picked.id
+RETURNING w.id, w.lock_token, w.attempt_count, w.instance_id, w.execution_id, w.activity_id, w.data
+"""
+
+_ACK_WORK = """
+WITH a AS MATERIALIZED (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(insts)s::text[], %(datas)s::text[],
+                         %(vis)s::bigint[]) AS a(id, token, instance_id, data, visible_at_ms)
+),
+d AS (
+    DELETE FROM {s}.worker_queue w USING a
+    WHERE w.id = a.id AND w.lock_token = a.token AND w.locked_until_ms > {now}
+    RETURNING w.id
+),
+ins AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
+    SELECT a.instance_id, a.data, coalesce(a.visible_at_ms, {now}), {now}
+    FROM a JOIN d ON d.id = a.id
+    WHERE a.data IS NOT NULL
+    RETURNING 1
+)
+SELECT (SELECT array_agg(id) FROM d),
+       CASE WHEN EXISTS (SELECT 1 FROM ins) AND %(payload)s::text IS NOT NULL
+            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+"""
+
+_ABANDON_WORK = """
+WITH u AS (
+    UPDATE {s}.worker_queue
+    SET lock_token = NULL,
+        locked_until_ms = NULL,
+        visible_at_ms = CASE WHEN %(delay_ms)s::bigint > 0 THEN {now} + %(delay_ms)s::bigint ELSE visible_at_ms END,
+        attempt_count = CASE WHEN %(ignore_attempt)s::bool THEN greatest(attempt_count - 1, 0)
+                             ELSE attempt_count END
+    WHERE id = %(id)s::bigint AND lock_token = %(token)s::text AND locked_until_ms > {now}
+    RETURNING 1
+)
+SELECT count(*),
+       CASE WHEN count(*) > 0 AND %(payload)s::text IS NOT NULL
+            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+FROM u
+"""
+
+_RENEW_WORK = """
+UPDATE {s}.worker_queue w SET locked_until_ms = {now} + %(lease_ms)s::bigint
+FROM unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS a(id, token)
+WHERE w.id = a.id AND w.lock_token = a.token AND w.locked_until_ms > {now}
+RETURNING w.lock_token
+"""
+
+_ENQUEUE_ORCHESTRATOR = """
+WITH ins AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
+    SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
+    FROM unnest(%(insts)s::text[], %(datas)s::text[], %(vis)s::bigint[]) AS o(instance_id, data, visible_at_ms)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins), pg_notify(n.channel, n.payload)
+FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+"""
+
+_READ_HISTORY = """
+SELECT h.event_id, h.data FROM {s}.history h
+WHERE h.instance_id = %(instance_id)s::text
+  AND h.execution_id = coalesce(
+      %(execution_id)s::bigint,
+      (SELECT i.current_execution_id FROM {s}.instances i WHERE i.instance_id = %(instance_id)s::text))
+ORDER BY h.event_id
+"""
+
+_GET_INSTANCE = """
+SELECT i.instance_id, e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
+       i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
+FROM {s}.instances i
+LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+WHERE i.instance_id = %(instance_id)s::text
+"""
+
+_GET_CUSTOM_STATUS = """
+SELECT custom_status, custom_status_version FROM {s}.instances
+WHERE instance_id = %(instance_id)s::text AND custom_status_version > %(version)s::bigint
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The provider's statements for one schema, rendered to bytes once."""
+
+    fetch_orchestration: bytes
+    release_empty_locks: bytes
+    ack_orchestration: bytes
+    notify: bytes
+    abandon_orchestration: bytes
+    renew_orchestration: bytes
+    fetch_work: bytes
+    ack_work: bytes
+    abandon_work: bytes
+    renew_work: bytes
+    enqueue_orchestrator: bytes
+    read_history: bytes
+    get_instance: bytes
+    get_custom_status: bytes
+
+    @classmethod
+    def for_schema(cls, schema: str) -> Statements:
+        """Render every statement with ``schema`` as a quoted identifier."""
+        ident = sql.Identifier(schema)
+
+        def render(template: str) -> bytes:
+            # Only {s}, {now} and {terminal} are substituted; everything else is literal SQL.
+            text = template.replace("{now}", NOW).replace("{terminal}", TERMINAL)
+            composed = sql.SQL(text).format(s=ident)  # type: ignore[arg-type]
+            return composed.as_string(None).encode()
+
+        return cls(
+            fetch_orchestration=render(_FETCH_ORCHESTRATION),
+            release_empty_locks=render(_RELEASE_EMPTY_LOCKS),
+            ack_orchestration=render(_ACK_ORCHESTRATION),
+            notify=render(_NOTIFY),
+            abandon_orchestration=render(_ABANDON_ORCHESTRATION),
+            renew_orchestration=render(_RENEW_ORCHESTRATION),
+            fetch_work=render(_FETCH_WORK),
+            ack_work=render(_ACK_WORK),
+            abandon_work=render(_ABANDON_WORK),
+            renew_work=render(_RENEW_WORK),
+            enqueue_orchestrator=render(_ENQUEUE_ORCHESTRATOR),
+            read_history=render(_READ_HISTORY),
+            get_instance=render(_GET_INSTANCE),
+            get_custom_status=render(_GET_CUSTOM_STATUS),
+        )
+
+
+__all__ = ["NOW", "Statements"]

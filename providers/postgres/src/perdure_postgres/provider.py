@@ -1,0 +1,1001 @@
+"""The PostgreSQL provider: many runtime processes on many machines sharing one database.
+
+Storage
+    Six tables in one schema (``instances``, ``executions``, ``history``, ``orchestrator_queue``,
+    ``instance_locks``, ``worker_queue``) plus alembic's version table, created by the migrations
+    in ``migrations/postgres``. Every statement names the schema explicitly (a quoted identifier),
+    never through ``search_path``, so several applications or test runs can share one database and
+    a transaction-mode pooler cannot send a statement to the wrong schema.
+
+Clock: the database's
+    Every lease and visibility comparison uses the *database* clock (``statement_timestamp()`` in
+    milliseconds), and the runtime passes durations (``lock_timeout``, ``delay``), never instants,
+    for them. A lease is therefore written and checked by the same clock, and workers whose clocks
+    disagree cannot steal each other's locks early or keep them too long (``reference/reliability.md``
+    4.8: mixing clocks is the bug). The one instant that comes from the application is a message's
+    ``visible_at_ms`` (a durable timer's ``fire_at_ms``, computed by the runtime from its
+    deterministic orchestration clock); it is compared with the database clock, so a skew between
+    the application host and the database shifts when a timer fires by that skew and nothing else.
+    Keep hosts NTP-synced, as with any distributed system. ``InstanceInfo`` timestamps are
+    database time too.
+
+Orchestrator queue (peek-lock per instance)
+    A fetch is one statement: scan the visible messages oldest first (skipping instances with a live
+    lock), take a transaction-scoped advisory lock per candidate with ``pg_try_advisory_xact_lock``
+    so concurrent fetchers skip each other's candidates instead of queueing behind them, take the
+    instance lock with ``INSERT ... ON CONFLICT DO UPDATE WHERE locked_until_ms <= now`` (the row is
+    the arbiter: an expired lock is simply taken over, so there is no separate reaper to die), tag
+    every visible message of the won instances and return them with the instance row. Locks are
+    inserted in instance-id order, and batched acks run in instance-id order, so transactions
+    that touch several instances lock them in one global order (no deadlock cycles between
+    fetchers and acks). If a fetch finds candidates but wins none of them (other fetchers
+    took them first) it tries again, excluding those, so it never reports "no work" because it
+    lost a race while other work is eligible (``reference/reliability.md`` 4.1). History is not
+    read at fetch; the runtime reads it on a cache miss.
+
+Acks
+    One statement per ack: its first step deletes the instance lock row *if the token matches and
+    the lease has not expired*, and every other step joins that step's result, so an invalid lock
+    changes nothing. The deleted lock row stays locked until commit, so nobody can take the
+    instance over between that check and the commit. A batch pipelines its acks (and one coalesced
+    NOTIFY) in one transaction and one round trip; if any ack fails with an error the batch is
+    rolled back and replayed one ack per transaction, so the failure is reported in its own slot
+    only. Worker acks of a batch are a single statement.
+
+Worker queue
+    ``SELECT ... ORDER BY id FOR UPDATE SKIP LOCKED`` then an update in the same statement; the
+    lease token embeds the row id (``"<id>:<uuid>"``) so acks and renewals go straight to the row by
+    primary key, and the lock columns carry no index (their updates can be HOT).
+
+Wake-ups
+    Committing transactions ``NOTIFY`` (one notification per queue per transaction, tiny payload)
+    on a channel derived from the schema; a dedicated LISTEN connection that reconnects by itself
+    feeds ``wait_for_work``; see :mod:`perdure_postgres._wakeups`.
+
+Connections, errors, poolers
+    psycopg 3 async with ``psycopg_pool.AsyncConnectionPool``; each pooled connection gets
+    ``statement_timeout`` in the pool's ``configure`` callback, and a cheap ``check`` (a
+    non-blocking look at the socket, a real round trip only if the server sent something to an
+    idle connection, e.g. its termination notice) so a connection killed while idle is replaced
+    before use. Deadlocks and serialization failures are retried inside the provider; connection
+    failures surface as retryable :class:`~perdure.provider.ProviderError`; a duplicate history event
+    or a lost lock is permanent. psycopg prepares a statement after it has run a few times on a
+    connection; behind PgBouncer in *transaction* mode pass ``prepare_threshold=None`` (or use
+    PgBouncer >= 1.21 with ``max_prepared_statements``), set ``listen=False`` (LISTEN needs a
+    session; wake-ups then fall back to the runtime's polling) and pass ``statement_timeout=None``
+    and set it on the role instead (``SET`` does not stick to a pooled server connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import select
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool
+
+from perdure.history import (
+    ActivityExecute,
+    ActivityRef,
+    DecodeError,
+    Event,
+    Message,
+    decode_event,
+    decode_message,
+    encode_event,
+    encode_message,
+)
+from perdure.provider import (
+    Capabilities,
+    InstanceInfo,
+    OrchestrationAck,
+    OrchestrationItem,
+    Provider,
+    ProviderError,
+    Queue,
+    WorkItemAck,
+    WorkItemLease,
+)
+from perdure_postgres import _errors
+from perdure_postgres._sql import Statements
+from perdure_postgres._wakeups import MAX_NOTIFY_PAYLOAD, Listener, WakeHub, channel_names, make_payloads
+from perdure_postgres.schema import (
+    DEFAULT_SCHEMA,
+    SchemaState,
+    advisory_key,
+    head_revision,
+    migrate,
+    schema_error,
+    validate_schema,
+    version_query,
+)
+
+logger = logging.getLogger("perdure_postgres")
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+#: How many times a deadlock or serialization failure is retried before it is reported.
+CONFLICT_RETRIES = 4
+#: How many passes a fetch makes when it loses every candidate to concurrent fetchers.
+FETCH_PASSES = 3
+
+
+def _lease_ms(seconds: float) -> int:
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ProviderError("lease", f"lock_timeout must be a positive number of seconds, got {seconds!r}", retryable=False)
+    return max(1, round(seconds * 1000))
+
+
+def _delay_ms(seconds: float) -> int:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ProviderError("abandon", f"delay must be >= 0 seconds, got {seconds!r}", retryable=False)
+    return round(seconds * 1000)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PostgresProvider(Provider):
+    """A :class:`~perdure.provider.Provider` on PostgreSQL (13+; tested on 15).
+
+    Args:
+        dsn: A libpq connection string or URL (``postgresql://user@host:5432/db``).
+        schema: The schema holding every table; several apps (or test runs) can share one
+            database with different schemas. Created by the migrations if missing.
+        min_pool_size, max_pool_size: Bounds of the connection pool. The LISTEN connection is
+            extra (one per provider object).
+        connect_timeout: Seconds to wait for a new connection (and for a free pooled one).
+        statement_timeout: Seconds after which the server cancels a statement (``None``: leave
+            the server's setting). Applied to every pooled connection.
+        migrate: Run the migrations on :meth:`open` (default). With ``False`` the provider only
+            checks that the schema is at the newest revision and raises a clear error if not;
+            use that in production where a separate role migrates.
+        listen: Keep a LISTEN connection for cross-process wake-ups. Set ``False`` behind a
+            transaction-mode pooler (the runtime then relies on polling).
+        notify: Send NOTIFY from committing transactions (``False`` for a polling-only setup).
+        prepare_threshold: psycopg's automatic prepared statements (``None`` disables them, for
+            transaction-mode poolers without prepared-statement support).
+        application_name: Reported in ``pg_stat_activity`` unless the DSN sets one.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        min_pool_size: int = 1,
+        max_pool_size: int = 10,
+        connect_timeout: float = 5.0,
+        statement_timeout: float | None = 30.0,
+        migrate: bool = True,
+        listen: bool = True,
+        notify: bool = True,
+        prepare_threshold: int | None = 5,
+        application_name: str = "perdure",
+    ) -> None:
+        if min_pool_size < 0 or max_pool_size < 1 or min_pool_size > max_pool_size:
+            raise ValueError(f"invalid pool sizes: min={min_pool_size}, max={max_pool_size}")
+        self.dsn = dsn
+        self.schema = validate_schema(schema)
+        self.min_pool_size = min_pool_size
+        self.max_pool_size = max_pool_size
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self.auto_migrate = migrate
+        self.listen = listen
+        self.notify = notify
+        self.prepare_threshold = prepare_threshold
+        self.application_name = application_name
+        self._sql = Statements.for_schema(self.schema)
+        self._work_channel, self._instance_channel = channel_names(self.schema)
+        self._advisory_ns = advisory_key("perdure_postgres.instance", self.schema)[1]
+        self._pool: AsyncConnectionPool[Conn] | None = None
+        self._hub: WakeHub | None = None
+        self._listener: Listener | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"PostgresProvider(schema={self.schema!r})"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """Wake-ups (LISTEN/NOTIFY, cross-process) and a store shared by many processes."""
+        return Capabilities(wakeups=True, cross_process=self.listen, multi_process=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": max(1, math.ceil(self.connect_timeout)),
+            "prepare_threshold": self.prepare_threshold,
+        }
+        try:
+            params = conninfo_to_dict(self.dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ProviderError("open", f"invalid DSN: {exc}", retryable=False) from None
+        if "application_name" not in params:
+            kwargs["application_name"] = self.application_name
+        return kwargs
+
+    async def open(self) -> None:
+        """Check or migrate the schema, open the pool and start the listener. Idempotent."""
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._pool is not None:
+                return
+            if self._closed:
+                raise ProviderError("open", "the provider was closed; create a new one", retryable=False)
+            kwargs = self._connect_kwargs()
+            await self._prepare_schema()
+            pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+                self.dsn,
+                kwargs=kwargs,
+                min_size=self.min_pool_size,
+                max_size=self.max_pool_size,
+                open=False,
+                configure=self._configure_connection,
+                check=self._check_connection,
+                timeout=self.connect_timeout,
+                name=f"perdure-{self.schema}",
+                reconnect_timeout=max(60.0, 10 * self.connect_timeout),
+            )
+            try:
+                await pool.open(wait=self.min_pool_size > 0, timeout=self.connect_timeout)
+            except Exception as exc:
+                await pool.close()
+                raise _errors.to_provider_error("open", exc, schema=self.schema) from exc
+            self._pool = pool
+            self._hub = WakeHub()
+            if self.listen:
+                listener_kwargs = {k: v for k, v in kwargs.items() if k not in ("autocommit", "connect_timeout")}
+                self._listener = Listener(
+                    self.dsn,
+                    work_channel=self._work_channel,
+                    instance_channel=self._instance_channel,
+                    hub=self._hub,
+                    connect_timeout=self.connect_timeout,
+                    connect_kwargs={**listener_kwargs, "prepare_threshold": None},
+                )
+                self._listener.start()
+                # Do not block open() on the listener: a dead listener only delays work.
+                await self._listener.wait_connected(min(self.connect_timeout, 2.0))
+
+    async def _prepare_schema(self) -> None:
+        """Migrate (``migrate=True``) or verify that the schema is at the newest revision."""
+        state = await self._schema_state()
+        if state.up_to_date:
+            return
+        if self.auto_migrate and state.current is not None and state.current not in _known_revisions():
+            raise ProviderError("open", schema_error(self.schema, state), retryable=False)
+        if not self.auto_migrate:
+            raise ProviderError("open", schema_error(self.schema, state), retryable=False)
+        try:
+            await asyncio.to_thread(migrate, self.dsn, schema=self.schema, connect_timeout=self.connect_timeout)
+        except ProviderError:
+            raise
+        except Exception as exc:
+            raise _errors.to_provider_error("migrate", exc, schema=self.schema) from exc
+
+    async def _schema_state(self) -> SchemaState:
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, connect_timeout=max(1, math.ceil(self.connect_timeout))
+            ) as conn:
+                try:
+                    row = await (await conn.execute(version_query(self.schema))).fetchone()
+                except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+                    row = None
+        except Exception as exc:
+            raise _errors.to_provider_error("open", exc, schema=self.schema) from exc
+        return SchemaState(current=row[0] if row else None, head=head_revision())
+
+    async def _configure_connection(self, conn: Conn) -> None:
+        if self.statement_timeout is not None:
+            ms = max(0, round(self.statement_timeout * 1000))
+            await conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(ms)))
+
+    @staticmethod
+    async def _check_connection(conn: Conn) -> None:
+        """Reject a pooled connection the server has closed while it sat idle.
+
+        An idle connection never receives anything unsolicited except when the server is
+        about to close it (termination, shutdown) or sends a notice; a non-blocking look at the
+        socket finds that without a round trip, and only then a real query decides.
+        """
+        if conn.closed or conn.broken:
+            raise psycopg.OperationalError("connection closed")
+        try:
+            readable, _, _ = select.select([conn.fileno()], [], [], 0)
+        except (OSError, ValueError) as exc:
+            raise psycopg.OperationalError(f"connection socket unusable: {exc}") from None
+        if readable:
+            await conn.execute("SELECT 1")
+
+    async def close(self) -> None:
+        """Stop the listener and close the pool. Idempotent."""
+        self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.stop()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _require_pool(self, operation: str) -> AsyncConnectionPool[Conn]:
+        if self._pool is None:
+            raise ProviderError(operation, "the provider is not open (call await provider.open())", retryable=False)
+        return self._pool
+
+    @property
+    def hub(self) -> WakeHub:
+        """The in-process wake-up hub (created by :meth:`open`)."""
+        if self._hub is None:
+            raise ProviderError("wakeups", "the provider is not open", retryable=False)
+        return self._hub
+
+    @property
+    def listener(self) -> Listener | None:
+        """The LISTEN connection manager, if ``listen=True`` and open (for tests and diagnostics)."""
+        return self._listener
+
+    async def _run(self, operation: str, body: Callable[[Conn], Awaitable[T]], *, idempotent: bool = False) -> T:
+        """Run ``body`` on a pooled connection, mapping errors and retrying conflicts.
+
+        Deadlocks and serialization failures rolled the transaction back, so the body runs again
+        (a few times, with jitter). Connection failures are retried once only for ``idempotent``
+        bodies (reads); for writes the outcome is unknown, so they surface as retryable errors.
+        """
+        pool = self._require_pool(operation)
+        conflicts = 0
+        reconnects = 0
+        while True:
+            try:
+                async with pool.connection() as conn:
+                    return await body(conn)
+            except ProviderError:
+                raise
+            except _errors.CONFLICT_ERRORS as exc:
+                conflicts += 1
+                if conflicts > CONFLICT_RETRIES:
+                    raise _errors.to_provider_error(operation, exc, schema=self.schema) from exc
+                await asyncio.sleep(random.uniform(0.002, 0.01) * conflicts)
+            except Exception as exc:
+                if _errors.is_connection_error(exc):
+                    await self._refresh_pool(pool)
+                    if idempotent and reconnects == 0:
+                        reconnects += 1
+                        continue
+                raise _errors.to_provider_error(operation, exc, schema=self.schema) from exc
+
+    @staticmethod
+    async def _refresh_pool(pool: AsyncConnectionPool[Conn]) -> None:
+        """After a connection failure, drop every broken idle connection (e.g. after a restart)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.check(), timeout=5.0)
+
+    def _notify_lists(self, payloads: Sequence[str], instance_ids: Sequence[str] = ()) -> dict[str, list[str]]:
+        channels: list[str] = []
+        values: list[str] = []
+        if self.notify:
+            for payload in payloads:
+                channels.append(self._work_channel)
+                values.append(payload)
+            for instance_id in dict.fromkeys(instance_ids):
+                if len(instance_id.encode()) <= MAX_NOTIFY_PAYLOAD:
+                    channels.append(self._instance_channel)
+                    values.append(instance_id)
+        return {"channels": channels, "payloads": values}
+
+    def _signal_local(self, *, worker: bool, orchestrator_now: bool, timers: Sequence[int] = ()) -> None:
+        hub = self._hub
+        if hub is None:
+            return
+        if worker:
+            hub.work("worker")
+        if orchestrator_now:
+            hub.work("orchestrator")
+        for at in timers:
+            hub.timer(at)
+
+    @staticmethod
+    def _split_visibility(messages: Sequence[Message]) -> tuple[bool, list[int]]:
+        """(any visible now, future visibility times) by the application clock, for wake-ups."""
+        now = _now_ms()
+        visible_now = False
+        future: list[int] = []
+        for message in messages:
+            at = message.visible_at_ms
+            if at is None or at <= now:
+                visible_now = True
+            else:
+                future.append(at)
+        return visible_now, future
+
+    # -- orchestrator queue ------------------------------------------------------------------------
+
+    async def fetch_orchestration_items(self, limit: int, lock_timeout: float) -> list[OrchestrationItem]:
+        """Lock up to ``limit`` instances with visible messages; see the module docstring."""
+        if limit <= 0:
+            return []
+        lease_ms = _lease_ms(lock_timeout)
+        scan = limit * 4 + 16
+
+        async def body(conn: Conn) -> list[OrchestrationItem]:
+            exclude: list[str] = []
+            for _ in range(FETCH_PASSES):
+                params = {"exclude": exclude, "scan": scan, "ns": self._advisory_ns, "limit": limit, "lease_ms": lease_ms}
+                rows = await (await conn.execute(self._sql.fetch_orchestration, params)).fetchall()
+                items, empty_tokens = self._build_items(rows)
+                if empty_tokens:
+                    await conn.execute(self._sql.release_empty_locks, {"tokens": empty_tokens})
+                scanned, candidates = rows[0][0], rows[0][1] or []
+                if items or scanned == 0:
+                    return items
+                # Candidates existed but other fetchers won all of them: look past them.
+                exclude.extend(candidates)
+            return []
+
+        return await self._run("fetch_orchestration_items", body)
+
+    @staticmethod
+    def _build_items(rows: Sequence[tuple[Any, ...]]) -> tuple[list[OrchestrationItem], list[str]]:
+        items: list[OrchestrationItem] = []
+        empty: list[str] = []
+        for row in rows:
+            (
+                _scanned,
+                _candidates,
+                instance_id,
+                token,
+                attempt_count,
+                ids,
+                datas,
+                name,
+                version,
+                execution_id,
+                status,
+                output,
+                parent,
+                custom_status,
+                custom_status_version,
+                last_event_id,
+                created_at_ms,
+                updated_at_ms,
+            ) = row
+            if instance_id is None:
+                continue
+            if not ids:
+                # Every message vanished between the scan and the tagging (their ack committed
+                # meanwhile): give the lock back rather than return an empty item.
+                empty.append(token)
+                continue
+            messages: list[Message] = []
+            bad: list[str] = []
+            for message_id, data in zip(ids, datas, strict=True):
+                try:
+                    decoded = decode_message(data)
+                except DecodeError as exc:
+                    bad.append(f"orchestrator_queue id {message_id}: {exc}")
+                    continue
+                if isinstance(decoded, ActivityExecute):
+                    bad.append(f"orchestrator_queue id {message_id}: an ActivityExecute is not an orchestrator message")
+                    continue
+                messages.append(decoded)
+            info = None
+            if execution_id is not None:
+                info = InstanceInfo(
+                    instance_id=instance_id,
+                    name=name or "",
+                    version=version,
+                    execution_id=execution_id,
+                    status=status or "running",
+                    output=output,
+                    parent_instance_id=parent,
+                    custom_status=custom_status,
+                    custom_status_version=custom_status_version,
+                    last_event_id=last_event_id or 0,
+                    created_at_ms=created_at_ms,
+                    updated_at_ms=updated_at_ms,
+                )
+            items.append(
+                OrchestrationItem(
+                    instance_id=instance_id,
+                    lock_token=token,
+                    attempt_count=attempt_count or 0,
+                    messages=messages,
+                    instance=info,
+                    bad_messages=bad,
+                )
+            )
+        return items, empty
+
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
+        """Commit each turn atomically: one statement for the whole batch, per-ack fallback on error."""
+        if not acks:
+            return []
+        self._require_pool("ack_orchestration_items")
+        results: list[ProviderError | None] = [None] * len(acks)
+        batch: list[_EncodedAck] = []
+        for index, ack in enumerate(acks):
+            try:
+                batch.append(_EncodedAck.build(index, ack))
+            except Exception as exc:  # unencodable input: that ack alone fails
+                results[index] = ProviderError("ack_orchestration_items", f"cannot encode ack: {exc}", retryable=False)
+        # One global order (by instance) for the row locks the acks take: no deadlock cycles.
+        batch.sort(key=lambda e: (e.ack.instance_id, e.index))
+        if not batch:
+            return results
+        try:
+            outcome = await self._run("ack_orchestration_items", lambda conn: self._ack_batch(conn, batch))
+        except ProviderError as exc:
+            if exc.retryable or len(batch) == 1:
+                for entry in batch:
+                    results[entry.index] = exc
+                return results
+            # A permanent error in one ack (e.g. a duplicate event id) failed the whole statement:
+            # replay each ack on its own so only the culprit fails.
+            for entry in batch:
+                try:
+                    single = await self._run("ack_orchestration_items", lambda conn, e=entry: self._ack_batch(conn, [e]))
+                    results[entry.index] = single[0]
+                except ProviderError as single_exc:
+                    results[entry.index] = single_exc
+            return results
+        for entry, error in zip(batch, outcome, strict=True):
+            results[entry.index] = error
+        return results
+
+    async def _ack_batch(self, conn: Conn, batch: Sequence[_EncodedAck]) -> list[ProviderError | None]:
+        worker = False
+        orchestrator_now = False
+        timers: list[int] = []
+        changed: list[str] = []
+        params: dict[str, list[Any]] = {key: [] for key in _EncodedAck.KEYS}
+        for position, entry in enumerate(batch):
+            worker = worker or entry.worker
+            orchestrator_now = orchestrator_now or entry.orchestrator_now
+            timers.extend(entry.timers)
+            if entry.changed:
+                changed.append(entry.ack.instance_id)
+            entry.add_to(params, position)
+        payloads = make_payloads(
+            worker=worker, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None)
+        )
+        row = await (
+            await conn.execute(self._sql.ack_orchestration, {**params, **self._notify_lists(payloads, changed)})
+        ).fetchone()
+        done = set(row[0] or ()) if row else set()
+        errors: list[ProviderError | None] = [
+            None if position in done else ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token)
+            for position, entry in enumerate(batch)
+        ]
+        if done:
+            self._signal_local(worker=worker, orchestrator_now=orchestrator_now, timers=timers)
+            if self._hub is not None:
+                for instance_id in changed:
+                    self._hub.instance_changed(instance_id)
+        return errors
+
+    async def abandon_orchestration_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
+        """Release an instance lock without committing (optionally delayed, optionally uncounted)."""
+        delay_ms = _delay_ms(delay)
+        visible_at = _now_ms() + delay_ms
+        payload = ("o" if delay_ms == 0 else f"@{visible_at}") if self.notify else None
+        params = {
+            "token": lock_token,
+            "delay_ms": delay_ms,
+            "ignore_attempt": ignore_attempt,
+            "channel": self._work_channel,
+            "payload": payload,
+        }
+
+        async def body(conn: Conn) -> int:
+            row = await (await conn.execute(self._sql.abandon_orchestration, params)).fetchone()
+            return int(row[0]) if row else 0
+
+        if await self._run("abandon_orchestration_item", body) == 0:
+            raise ProviderError.lock_lost("abandon_orchestration_item", lock_token)
+        if delay_ms == 0:
+            self._signal_local(worker=False, orchestrator_now=True)
+        else:
+            self._signal_local(worker=False, orchestrator_now=False, timers=[visible_at])
+
+    async def renew_orchestration_lock(self, lock_token: str, lock_timeout: float) -> None:
+        """Extend a held instance lock to ``lock_timeout`` seconds from now (database clock)."""
+        params = {"token": lock_token, "lease_ms": _lease_ms(lock_timeout)}
+
+        async def body(conn: Conn) -> bool:
+            return (await (await conn.execute(self._sql.renew_orchestration, params)).fetchone()) is not None
+
+        if not await self._run("renew_orchestration_lock", body):
+            raise ProviderError.lock_lost("renew_orchestration_lock", lock_token)
+
+    # -- worker queue ------------------------------------------------------------------------------
+
+    async def fetch_work_items(self, limit: int, lock_timeout: float) -> list[WorkItemLease]:
+        """Lease up to ``limit`` visible, unleased (or lease-expired) activity items, oldest first."""
+        if limit <= 0:
+            return []
+        params = {"limit": limit, "lease_ms": _lease_ms(lock_timeout)}
+
+        async def body(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(self._sql.fetch_work, params)).fetchall()
+
+        rows = await self._run("fetch_work_items", body)
+        rows.sort(key=lambda r: r[0])
+        leases: list[WorkItemLease] = []
+        for _id, token, attempt_count, instance_id, execution_id, activity_id, data in rows:
+            ref = ActivityRef(instance_id=instance_id, execution_id=execution_id, activity_id=activity_id)
+            item: ActivityExecute | None = None
+            error: str | None = None
+            try:
+                decoded = decode_message(data)
+                if isinstance(decoded, ActivityExecute):
+                    item = decoded
+                else:
+                    error = f"worker_queue id {_id}: expected an ActivityExecute, found {type(decoded).__name__}"
+            except DecodeError as exc:
+                error = f"worker_queue id {_id}: {exc}"
+            leases.append(
+                WorkItemLease(lock_token=token, attempt_count=attempt_count, ref=ref, item=item, decode_error=error)
+            )
+        return leases
+
+    @staticmethod
+    def _work_row_id(lock_token: str) -> int | None:
+        head, sep, _ = lock_token.partition(":")
+        if not sep or not head.isdigit():
+            return None
+        return int(head)
+
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
+        """Delete each leased item and enqueue its completion, in one statement for the batch."""
+        if not acks:
+            return []
+        self._require_pool("ack_work_items")
+        results: list[ProviderError | None] = [None] * len(acks)
+        ids: list[int] = []
+        tokens: list[str] = []
+        insts: list[str | None] = []
+        datas: list[str | None] = []
+        vis: list[int | None] = []
+        slots: dict[int, int] = {}
+        completions: list[Message] = []
+        for index, ack in enumerate(acks):
+            row_id = self._work_row_id(ack.lock_token)
+            if row_id is None or row_id in slots:
+                results[index] = ProviderError.lock_lost("ack_work_items", ack.lock_token)
+                continue
+            completion = ack.completion
+            try:
+                data = encode_message(completion) if completion is not None else None
+            except Exception as exc:
+                results[index] = ProviderError("ack_work_items", f"cannot encode completion: {exc}", retryable=False)
+                continue
+            slots[row_id] = index
+            ids.append(row_id)
+            tokens.append(ack.lock_token)
+            insts.append(completion.instance_id if completion is not None else None)
+            datas.append(data)
+            vis.append(completion.visible_at_ms if completion is not None else None)
+            if completion is not None:
+                completions.append(completion)
+        if not ids:
+            return results
+        orchestrator_now, timers = self._split_visibility(completions)
+        payloads = make_payloads(worker=False, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None))
+        params = {
+            "ids": ids,
+            "tokens": tokens,
+            "insts": insts,
+            "datas": datas,
+            "vis": vis,
+            "channel": self._work_channel,
+            "payload": payloads[0] if payloads and self.notify else None,
+        }
+
+        async def body(conn: Conn) -> list[int]:
+            row = await (await conn.execute(self._sql.ack_work, params)).fetchone()
+            return list(row[0] or []) if row else []
+
+        try:
+            done = set(await self._run("ack_work_items", body))
+        except ProviderError as exc:
+            for index in slots.values():
+                results[index] = exc
+            return results
+        for row_id, index in slots.items():
+            if row_id not in done:
+                results[index] = ProviderError.lock_lost("ack_work_items", acks[index].lock_token)
+        if done and completions:
+            self._signal_local(worker=False, orchestrator_now=orchestrator_now, timers=timers)
+        return results
+
+    async def abandon_work_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
+        """Release a lease without completing (optionally delayed, optionally uncounted)."""
+        delay_ms = _delay_ms(delay)
+        row_id = self._work_row_id(lock_token)
+        if row_id is None:
+            raise ProviderError.lock_lost("abandon_work_item", lock_token)
+        params = {
+            "id": row_id,
+            "token": lock_token,
+            "delay_ms": delay_ms,
+            "ignore_attempt": ignore_attempt,
+            "channel": self._work_channel,
+            "payload": "w" if delay_ms == 0 and self.notify else None,
+        }
+
+        async def body(conn: Conn) -> int:
+            row = await (await conn.execute(self._sql.abandon_work, params)).fetchone()
+            return int(row[0]) if row else 0
+
+        if await self._run("abandon_work_item", body) == 0:
+            raise ProviderError.lock_lost("abandon_work_item", lock_token)
+        if delay_ms == 0:
+            self._signal_local(worker=True, orchestrator_now=False)
+
+    async def renew_work_item_locks(self, lock_tokens: Sequence[str], lock_timeout: float) -> list[bool]:
+        """Extend each held lease; False for a lease that is gone, expired or taken."""
+        if not lock_tokens:
+            return []
+        lease_ms = _lease_ms(lock_timeout)
+        ids: list[int] = []
+        tokens: list[str] = []
+        for token in lock_tokens:
+            row_id = self._work_row_id(token)
+            if row_id is not None:
+                ids.append(row_id)
+                tokens.append(token)
+        if not ids:
+            return [False] * len(lock_tokens)
+        params = {"ids": ids, "tokens": tokens, "lease_ms": lease_ms}
+
+        async def body(conn: Conn) -> set[str]:
+            rows = await (await conn.execute(self._sql.renew_work, params)).fetchall()
+            return {r[0] for r in rows}
+
+        renewed = await self._run("renew_work_item_locks", body)
+        return [token in renewed for token in lock_tokens]
+
+    # -- client side -------------------------------------------------------------------------------
+
+    async def enqueue_orchestrator_messages(self, messages: Sequence[Message]) -> None:
+        """Append messages to the orchestrator queue (never creates an instance)."""
+        if not messages:
+            return
+        self._require_pool("enqueue_orchestrator_messages")
+        try:
+            datas = [encode_message(m) for m in messages]
+        except Exception as exc:
+            raise ProviderError("enqueue_orchestrator_messages", f"cannot encode message: {exc}", retryable=False) from exc
+        now, future = self._split_visibility(messages)
+        payloads = make_payloads(worker=False, orchestrator_now=now, earliest_timer_ms=min(future, default=None))
+        params = {
+            "insts": [m.instance_id for m in messages],
+            "datas": datas,
+            "vis": [m.visible_at_ms for m in messages],
+            **self._notify_lists(payloads),
+        }
+
+        async def body(conn: Conn) -> None:
+            await conn.execute(self._sql.enqueue_orchestrator, params)
+
+        await self._run("enqueue_orchestrator_messages", body)
+        self._signal_local(worker=False, orchestrator_now=now, timers=future)
+
+    async def read_history(self, instance_id: str, execution_id: int | None = None) -> list[Event]:
+        """The events of one execution (the current one by default), ordered by event id."""
+        params = {"instance_id": instance_id, "execution_id": execution_id}
+
+        async def body(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await conn.execute(self._sql.read_history, params)).fetchall()
+
+        rows = await self._run("read_history", body, idempotent=True)
+        events: list[Event] = []
+        for event_id, data in rows:
+            try:
+                events.append(decode_event(data))
+            except DecodeError as exc:
+                raise ProviderError(
+                    "read_history", f"instance {instance_id!r} event {event_id} cannot be decoded: {exc}", retryable=False
+                ) from None
+        return events
+
+    async def get_instance(self, instance_id: str) -> InstanceInfo | None:
+        """The stored state of the instance and its current execution, or None."""
+
+        async def body(conn: Conn) -> tuple[Any, ...] | None:
+            return await (await conn.execute(self._sql.get_instance, {"instance_id": instance_id})).fetchone()
+
+        row = await self._run("get_instance", body, idempotent=True)
+        if row is None:
+            return None
+        (iid, name, version, execution_id, status, output, parent, cs, cs_version, last_event_id, created, updated) = row
+        return InstanceInfo(
+            instance_id=iid,
+            name=name or "",
+            version=version,
+            execution_id=execution_id,
+            status=status or "running",
+            output=output,
+            parent_instance_id=parent,
+            custom_status=cs,
+            custom_status_version=cs_version,
+            last_event_id=last_event_id or 0,
+            created_at_ms=created,
+            updated_at_ms=updated,
+        )
+
+    async def get_custom_status(self, instance_id: str, last_seen_version: int) -> tuple[str | None, int] | None:
+        """``(custom_status, version)`` if newer than ``last_seen_version``; one indexed read."""
+        params = {"instance_id": instance_id, "version": last_seen_version}
+
+        async def body(conn: Conn) -> tuple[Any, ...] | None:
+            return await (await conn.execute(self._sql.get_custom_status, params)).fetchone()
+
+        row = await self._run("get_custom_status", body, idempotent=True)
+        return None if row is None else (row[0], int(row[1]))
+
+    # -- wake-ups ----------------------------------------------------------------------------------
+
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
+        """Return when work may have arrived (NOTIFY, a local commit, a due timer) or at ``timeout``."""
+        if self._hub is None:
+            await asyncio.sleep(max(0.0, timeout))
+            return
+        await self._hub.wait_for_work(queue, timeout)
+
+    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
+        """Return when the instance's status or custom status may have changed, or at ``timeout``.
+
+        Uses the instance channel (listened to from the first call on); until the listener hears
+        it, and whenever the listener is down, it returns after a short poll interval instead.
+        """
+        if self._hub is None:
+            await asyncio.sleep(max(0.0, timeout))
+            return
+        listener = self._listener
+        if listener is None or not listener.listening_to(self._instance_channel):
+            if listener is not None:
+                listener.want_instance_channel()
+            timeout = min(timeout, INSTANCE_POLL_INTERVAL)
+        await self._hub.wait_for_instance(instance_id, timeout)
+
+
+class _EncodedAck:
+    """One orchestration ack, encoded once (JSON off the database round trip) for the batch statement."""
+
+    KEYS = (
+        "idx", "instance_id", "token", "execution_id", "parent", "cs_changed", "cs", "name", "version", "status",
+        "output", "last_event_id", "h_idx", "h_event_id", "h_data", "c_idx", "c_inst", "c_exec", "c_act",
+        "w_idx", "w_inst", "w_exec", "w_act", "w_data", "o_idx", "o_inst", "o_data", "o_vis",
+    )  # fmt: skip
+
+    __slots__ = ("ack", "changed", "events", "index", "orchestrator", "orchestrator_now", "timers", "worker", "workers")
+
+    def __init__(self, index: int, ack: OrchestrationAck) -> None:
+        self.index = index
+        self.ack = ack
+        self.events = [(e.event_id, encode_event(e)) for e in ack.history]
+        self.workers = [(w, encode_message(w)) for w in ack.worker_items]
+        self.orchestrator = [(m, encode_message(m)) for m in ack.orchestrator_items]
+        self.worker = bool(self.workers)
+        self.orchestrator_now, self.timers = PostgresProvider._split_visibility(ack.orchestrator_items)
+        self.changed = ack.status is not None or ack.custom_status_changed
+
+    @classmethod
+    def build(cls, index: int, ack: OrchestrationAck) -> _EncodedAck:
+        """Encode ``ack`` (raises if a payload cannot be encoded)."""
+        return cls(index, ack)
+
+    def add_to(self, params: dict[str, list[Any]], position: int) -> None:
+        """Append this ack's values to the batch statement's array parameters."""
+        ack = self.ack
+        params["idx"].append(position)
+        params["instance_id"].append(ack.instance_id)
+        params["token"].append(ack.lock_token)
+        params["execution_id"].append(ack.execution_id)
+        params["parent"].append(ack.parent.instance_id if ack.parent is not None else None)
+        params["cs_changed"].append(bool(ack.custom_status_changed))
+        params["cs"].append(ack.custom_status if ack.custom_status_changed else None)
+        params["name"].append(ack.name)
+        params["version"].append(ack.version)
+        params["status"].append(ack.status)
+        params["output"].append(ack.output if ack.status is not None else None)
+        params["last_event_id"].append(max((event_id for event_id, _ in self.events), default=0))
+        for event_id, data in self.events:
+            params["h_idx"].append(position)
+            params["h_event_id"].append(event_id)
+            params["h_data"].append(data)
+        for ref in ack.cancelled_activities:
+            params["c_idx"].append(position)
+            params["c_inst"].append(ref.instance_id)
+            params["c_exec"].append(ref.execution_id)
+            params["c_act"].append(ref.activity_id)
+        for item, data in self.workers:
+            params["w_idx"].append(position)
+            params["w_inst"].append(item.instance_id)
+            params["w_exec"].append(item.execution_id)
+            params["w_act"].append(item.activity_id)
+            params["w_data"].append(data)
+        for message, data in self.orchestrator:
+            params["o_idx"].append(position)
+            params["o_inst"].append(message.instance_id)
+            params["o_data"].append(data)
+            params["o_vis"].append(message.visible_at_ms)
+
+
+#: How long ``wait_for_instance_change`` waits when it cannot rely on notifications.
+INSTANCE_POLL_INTERVAL = 0.25
+
+
+def _known_revisions() -> list[str]:
+    from perdure_postgres.schema import revisions
+
+    return revisions()
+
+
+#: Query parameters of a provider URL that configure the provider rather than the connection.
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "schema": str,
+    "min_pool_size": int,
+    "max_pool_size": int,
+    "connect_timeout": float,
+    "statement_timeout": lambda v: None if v.lower() in ("", "none", "off", "0") else float(v),
+    "migrate": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "listen": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "notify": lambda v: v.lower() in ("1", "true", "yes", "on"),
+    "prepare_threshold": lambda v: None if v.lower() in ("", "none", "off") else int(v),
+    "application_name": str,
+}
+
+
+def from_url(url: str, **options: Any) -> PostgresProvider:
+    """Build (not open) a provider from ``postgresql://user:pw@host:port/db?schema=app&...``.
+
+    Provider options may be given as query parameters (``schema``, ``min_pool_size``,
+    ``max_pool_size``, ``connect_timeout``, ``statement_timeout``, ``migrate``, ``listen``,
+    ``notify``, ``prepare_threshold``, ``application_name``) or as keyword arguments, which win;
+    every other query parameter (``sslmode``, ...) is passed to libpq. ``postgres://`` and
+    ``postgresql+psycopg://`` are accepted.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a PostgreSQL URL: {url!r}")
+    kept: list[tuple[str, str]] = []
+    parsed: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key in _URL_OPTIONS:
+            try:
+                parsed[key] = _URL_OPTIONS[key](value)
+            except ValueError:
+                raise ValueError(f"invalid value for {key!r} in provider URL: {value!r}") from None
+        else:
+            kept.append((key, value))
+    dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(kept), parts.fragment))
+    parsed.update(options)
+    return PostgresProvider(dsn, **parsed)
+
+
+__all__ = ["INSTANCE_POLL_INTERVAL", "PostgresProvider", "from_url"]
