@@ -264,6 +264,9 @@ class Runtime:
             acks = [ack for ack in await asyncio.gather(*(self._turn(item) for item in items)) if ack is not None]
             if acks:
                 await self._commit_turns(acks)
+            if len(items) < options.orchestration_batch:
+                # We took everything that was ready; sleep until the provider signals more.
+                await self.provider.wait_for_work("orchestrator", options.poll_interval)
 
     async def _backoff(self, what: str, error: ProviderError, failures: int) -> None:
         delay = min(0.05 * 2 ** min(failures, 10), self.options.poll_interval * 5)
@@ -511,6 +514,8 @@ class Runtime:
                 continue
             for lease in leases:
                 self._launch(lease)
+            if len(leases) < free:
+                await self.provider.wait_for_work("worker", options.poll_interval)
 
     def _launch(self, lease: WorkItemLease) -> None:
         ctx = ActivityContext(
