@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,10 @@ MIN_SQLITE_VERSION = (3, 35, 0)
 Durability = Literal["full", "fast"]
 
 MEMORY = ":memory:"
+
+#: alembic keeps the running migration in module globals (``alembic.context``): one at a time
+#: per process. Other processes are serialised by the write lock the migration holds.
+_ALEMBIC_LOCK = threading.Lock()
 
 
 def migrations_path() -> Path:
@@ -162,7 +167,7 @@ def upgrade(connection: sqlite3.Connection) -> str:
     config.set_main_option("script_location", str(migrations_path()))
     engine = create_engine("sqlite://", creator=lambda: _Borrowed(connection), poolclass=StaticPool)
     try:
-        with engine.connect() as sa_connection:
+        with _ALEMBIC_LOCK, engine.connect() as sa_connection:
             config.attributes["connection"] = sa_connection
             command.upgrade(config, "head")
     except DBAPIError as exc:

@@ -83,6 +83,9 @@ class ConnectionThread:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._stopping = False
+        #: Counters for tests and benchmarks: committed write transactions and the jobs they held.
+        self.transactions = 0
+        self.write_jobs = 0
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
         # Daemon: an application that forgets close() must still be able to exit. Everything
@@ -261,6 +264,8 @@ class ConnectionThread:
                         outcome.append(value)
                 outcomes.append(outcome)
             execute("COMMIT")
+            self.transactions += 1
+            self.write_jobs += len(jobs)
         except Exception as exc:
             if connection.in_transaction:
                 with contextlib.suppress(sqlite3.Error):

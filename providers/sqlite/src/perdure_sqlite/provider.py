@@ -135,6 +135,10 @@ class SqliteProvider(Provider):
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def __aenter__(self) -> SqliteProvider:
+        await self.open()
+        return self
+
     async def open(self) -> None:
         """Start the connection thread, open the database and migrate it (unless disabled)."""
         if self._closed:

@@ -1,0 +1,160 @@
+"""Migrations: applied on open, skipped on request, runnable ahead of time, shipped in the wheel."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlite_support import LOCK, start
+
+from perdure.provider import ProviderError
+from perdure_sqlite import SCHEMA_REVISION, SqliteProvider, migrate, migrations_path
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+EXPECTED_TABLES = {
+    "alembic_version",
+    "executions",
+    "history",
+    "instance_locks",
+    "instances",
+    "orchestrator_queue",
+    "worker_queue",
+}
+
+
+def _tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as connection:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    connection.close()
+    return {name for (name,) in rows}
+
+
+def _alembic_config(path: Path) -> object:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    config.set_main_option("sqlalchemy.url", f"sqlite:///{path}")
+    return config
+
+
+def test_schema_revision_is_the_alembic_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory(str(migrations_path()))
+    assert script.get_heads() == [SCHEMA_REVISION]
+
+
+async def test_open_applies_the_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    async with SqliteProvider(path) as db:
+        assert await db._execute("SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+    assert _tables(path) == EXPECTED_TABLES
+
+
+async def test_migrate_false_refuses_a_database_without_schema(tmp_path: Path) -> None:
+    db = SqliteProvider(tmp_path / "empty.db", migrate=False)
+    with pytest.raises(ProviderError, match=r"no perdure schema.*migrate") as info:
+        await db.open()
+    assert not info.value.retryable
+    await db.close()
+
+
+async def test_migrate_ahead_of_time_then_open_without_migrating(tmp_path: Path) -> None:
+    path = tmp_path / "deployed.db"
+    assert migrate(path) == SCHEMA_REVISION
+    assert migrate(path) == SCHEMA_REVISION  # idempotent
+    async with SqliteProvider(path, migrate=False) as db:
+        await db.enqueue_orchestrator_messages([start("a")])
+        assert len(await db.fetch_orchestration_items(1, LOCK)) == 1
+
+
+async def test_an_old_schema_is_upgraded_or_refused(tmp_path: Path) -> None:
+    from alembic import command
+
+    path = tmp_path / "old.db"
+    migrate(path)
+    command.downgrade(_alembic_config(path), "base")  # type: ignore[arg-type]
+    assert _tables(path) == {"alembic_version"}
+    with pytest.raises(ProviderError, match="migrate"):
+        await SqliteProvider(path, migrate=False).open()
+    async with SqliteProvider(path) as db:
+        assert await db.fetch_orchestration_items(1, LOCK) == []
+    assert _tables(path) == EXPECTED_TABLES
+
+
+async def test_a_newer_schema_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "newer.db"
+    migrate(path)
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    connection.close()
+    for provider in (SqliteProvider(path), SqliteProvider(path, migrate=False)):
+        with pytest.raises(ProviderError, match="newer") as info:
+            await provider.open()
+        assert not info.value.retryable
+
+
+def test_alembic_cli_configuration_upgrades_from_empty(tmp_path: Path) -> None:
+    from alembic import command
+
+    path = tmp_path / "cli.db"
+    command.upgrade(_alembic_config(path), "head")  # type: ignore[arg-type]
+    assert _tables(path) == EXPECTED_TABLES
+    command.downgrade(_alembic_config(path), "base")  # type: ignore[arg-type]
+    command.upgrade(_alembic_config(path), "head")  # type: ignore[arg-type]
+    assert _tables(path) == EXPECTED_TABLES
+
+
+def test_concurrent_migrations_all_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "race.db"
+    with ThreadPoolExecutor(6) as pool:
+        revisions = list(pool.map(lambda _: migrate(path), range(6)))
+    assert revisions == [SCHEMA_REVISION] * 6
+    assert _tables(path) == EXPECTED_TABLES
+
+
+async def test_memory_databases_are_migrated_too() -> None:
+    async with SqliteProvider(":memory:") as db:
+        assert await db._execute("SELECT version_num FROM alembic_version") == [(SCHEMA_REVISION,)]
+
+
+def test_migrations_are_found_in_the_checkout() -> None:
+    assert (migrations_path() / "env.py").is_file()
+    assert (migrations_path() / "versions").is_dir()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to locate the checkout")
+def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    out = tmp_path / "wheelhouse"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(PACKAGE_ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
+    [wheel] = list(out.glob("perdure_sqlite-0.1.0-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "perdure_sqlite/migrations/env.py" in names
+    assert "perdure_sqlite/migrations/versions/0001_initial_schema.py" in names
+    assert "perdure_sqlite/py.typed" in names
+    entry_points = zipfile.ZipFile(wheel).read("perdure_sqlite-0.1.0.dist-info/entry_points.txt").decode()
+    assert "[perdure.providers]" in entry_points
+    assert "sqlite = perdure_sqlite:from_url" in entry_points
