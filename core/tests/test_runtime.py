@@ -485,12 +485,14 @@ async def test_unknown_activity_waits_for_a_worker_that_has_it(runtime_factory: 
     def remote(ctx: ActivityContext, value: str) -> str:
         return value.upper()
 
-    first = await runtime_factory(orchestrator_only)
+    # Both workers race for the item once it is registered; enough attempts that the one that
+    # lacks the activity cannot plausibly win every race before the deploy lands.
+    first = await runtime_factory(orchestrator_only, max_attempts=50)
     instance = await first.client.start_orchestration(needs)
     await asyncio.sleep(0.4)
     status = await first.client.get_status(instance)
     assert status is not None and status.status == "running"
-    await runtime_factory(with_worker)
+    await runtime_factory(with_worker, max_attempts=50)
     assert (await first.client.wait_for_orchestration(instance, timeout=10)).result() == "X"
 
 
