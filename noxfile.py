@@ -39,14 +39,14 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.error_on_missing_interpreters = False
 
 
-@nox.session(python=PYTHONS[0])
+@nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session(python=PYTHONS[0])
+@nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("mypy", "./core", "./providers/sqlite", "./providers/postgres", "./provider_tests", *TEST_DEPS)
     session.run("mypy", "--strict", *PACKAGES)
@@ -69,13 +69,13 @@ def tests(session: nox.Session, provider: str) -> None:
         session.run("pytest", "examples/tests", *session.posargs, env=env)
 
 
-@nox.session(python=PYTHONS[0])
+@nox.session
 def demo(session: nox.Session) -> None:
     session.install("./core", "./providers/sqlite")
     session.run("python", "examples/hello.py")
 
 
-@nox.session(python=PYTHONS[0])
+@nox.session
 def bench(session: nox.Session) -> None:
     session.install("./core", "./providers/sqlite", "./providers/postgres")
     session.run("python", "bench/run.py", *session.posargs, env={"PERDURE_PG_URL": os.environ.get("PERDURE_PG_URL", "")})
