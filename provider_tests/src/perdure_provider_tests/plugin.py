@@ -58,8 +58,8 @@ class ConformanceReport:
         self.areas: dict[str, str] = {}
         #: nodeid -> (outcome, skip reason).
         self.outcomes: dict[str, tuple[str, str]] = {}
-        self.provider: str | None = None
-        self.capabilities: Capabilities | None = None
+        #: name -> capabilities of every provider the session created.
+        self.providers: dict[str, Capabilities] = {}
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         """Remember which collected items are suite tests, and their area."""
@@ -95,8 +95,8 @@ class ConformanceReport:
 
         write = terminalreporter.write_line
         terminalreporter.section("perdure provider conformance")
-        if self.provider is not None:
-            write(f"provider: {self.provider}  capabilities: {_describe(self.capabilities)}")
+        for name, capabilities in self.providers.items():
+            write(f"provider: {name}  capabilities: {_describe(capabilities)}")
         write(f"{'area':<20}{'passed':>8}{'failed':>8}{'skipped':>9}")
         totals = _Area()
         for name in sorted(areas):
@@ -163,9 +163,7 @@ async def provider(
     created = await provider_factory.create()
     try:
         capabilities = created.capabilities
-        report = request.config.stash[_REPORT]
-        if report.provider is None:
-            report.provider, report.capabilities = created.name, capabilities
+        request.config.stash[_REPORT].providers.setdefault(created.name, capabilities)
         for mark in request.node.iter_markers("requires_capability"):
             capability = mark.args[0]
             if not hasattr(capabilities, capability):
@@ -188,8 +186,6 @@ def _skip_reason(report: pytest.TestReport) -> str:
     return str(longrepr)
 
 
-def _describe(capabilities: Capabilities | None) -> str:
-    if capabilities is None:
-        return "?"
+def _describe(capabilities: Capabilities) -> str:
     flags = [name for name in ("wakeups", "cross_process", "multi_process") if getattr(capabilities, name)]
     return ", ".join([*flags, f"max_payload_bytes={capabilities.max_payload_bytes}"])

@@ -121,7 +121,7 @@ class _Broadcast:
         self._event.set()
         self._event = asyncio.Event()
 
-    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109 - a bounded wait is the point
+    async def wait(self, timeout: float) -> None:
         """Return at the next :meth:`fire` or after ``timeout`` seconds, whichever comes first."""
         if timeout <= 0:
             return
@@ -384,7 +384,7 @@ class InMemoryProvider(Provider):
         """Return the instance and its current execution, or ``None`` before its first ack."""
         return self._info(instance_id)
 
-    async def wait_for_work(self, queue: Queue, timeout: float) -> None:  # noqa: ASYNC109 - the contract
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
         """Return when work is fetchable now, at the next enqueue, or when work becomes due."""
         now = time.time()
         due = self._next_work_at(queue, now)
@@ -392,7 +392,7 @@ class InMemoryProvider(Provider):
             timeout = min(timeout, due - now)
         await self._work_arrived[queue].wait(timeout)
 
-    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
         """Return once an ack has changed the instance, or after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

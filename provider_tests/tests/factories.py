@@ -1,0 +1,58 @@
+"""Factories for the suite's own tests: InMemoryProvider, plain and behind FaultyProvider."""
+
+from __future__ import annotations
+
+from perdure.provider import Provider
+from perdure.testing import InMemoryProvider
+from perdure_provider_tests import ProviderFactory
+from perdure_provider_tests.faults import FaultyProvider
+
+
+class MemoryFactory(ProviderFactory):
+    """InMemoryProvider with every hook but drop_connections (it has no connections to drop)."""
+
+    lock_timeout = 0.2
+    timing_slack = 0.1
+    provider_class: type[InMemoryProvider] = InMemoryProvider
+
+    async def create(self) -> Provider:
+        return self.provider_class()
+
+    async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
+        assert isinstance(provider, InMemoryProvider)
+        provider.corrupt_history(instance_id)
+
+    async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
+        assert isinstance(provider, InMemoryProvider)
+        provider.corrupt_queued_messages(instance_id)
+
+    async def attempt_count(self, provider: Provider, instance_id: str) -> int:
+        assert isinstance(provider, InMemoryProvider)
+        return provider.stored_attempt_count(instance_id)
+
+
+class FaultyMemoryFactory(MemoryFactory):
+    """InMemoryProvider behind FaultyProvider: the wrapper must be transparent, and its injected
+    connection drops give the suite's drop_connections test a provider to recover."""
+
+    async def create(self) -> Provider:
+        return FaultyProvider(InMemoryProvider())
+
+    @staticmethod
+    def _inner(provider: Provider) -> InMemoryProvider:
+        assert isinstance(provider, FaultyProvider)
+        assert isinstance(provider.inner, InMemoryProvider)
+        return provider.inner
+
+    async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
+        await super().corrupt_history(self._inner(provider), instance_id)
+
+    async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
+        await super().corrupt_queue_message(self._inner(provider), instance_id)
+
+    async def attempt_count(self, provider: Provider, instance_id: str) -> int:
+        return await super().attempt_count(self._inner(provider), instance_id)
+
+    async def drop_connections(self, provider: Provider) -> None:
+        assert isinstance(provider, FaultyProvider)
+        provider.drop_connections(times=3)
