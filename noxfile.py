@@ -48,7 +48,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("mypy", "./core", "./providers/sqlite", "./providers/postgres", "./provider_tests", *TEST_DEPS)
+    session.install(
+        "mypy", "./core", "./providers/sqlite", "./providers/postgres", "./provider_tests", *TEST_DEPS
+    )
     session.run("mypy", "--strict", *PACKAGES)
 
 
@@ -78,4 +80,9 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     session.install("./core", "./providers/sqlite", "./providers/postgres")
-    session.run("python", "bench/run.py", *session.posargs, env={"PERDURE_PG_URL": os.environ.get("PERDURE_PG_URL", "")})
+    session.run(
+        "python",
+        "bench/run.py",
+        *session.posargs,
+        env={"PERDURE_PG_URL": os.environ.get("PERDURE_PG_URL", "")},
+    )

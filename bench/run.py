@@ -26,7 +26,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from perdure import ActivityContext, OrchestrationContext, Provider, Registry, Runtime, RuntimeOptions, connect
+from perdure import (
+    ActivityContext,
+    OrchestrationContext,
+    Provider,
+    Registry,
+    Runtime,
+    RuntimeOptions,
+    connect,
+)
 from perdure import history as h
 
 DEFAULT_N = {"hello": 2000, "chain": 500, "fanout": 1000, "history": 5000, "timers": 1000, "workers": 2000}
@@ -194,14 +202,20 @@ async def w_history(target: Target, n: int) -> dict[str, float]:
             instance = await runtime.client.start_orchestration(long_history, [warmup, measured])
             await runtime.client.wait_for_orchestration(instance, timeout=600, poll_interval=0.05)
             costs.append((_stamps[-1] - _stamps[0]) / measured)
-    return {"turn_cost_ratio": costs[1] / costs[0], "turn_ms_short": costs[0] * 1000, "turn_ms_long": costs[1] * 1000}
+    return {
+        "turn_cost_ratio": costs[1] / costs[0],
+        "turn_ms_short": costs[0] * 1000,
+        "turn_ms_long": costs[1] * 1000,
+    }
 
 
 async def w_timers(target: Target, n: int) -> dict[str, float]:
     delay = 3.0
     async with store(target) as (provider, _), Runtime(provider, app, _options()) as runtime:
         client = runtime.client
-        await asyncio.gather(*(client.start_orchestration(sleeper, delay, instance_id=f"t-{i}") for i in range(n)))
+        await asyncio.gather(
+            *(client.start_orchestration(sleeper, delay, instance_id=f"t-{i}") for i in range(n))
+        )
         await asyncio.sleep(delay / 2)
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         lateness = []
@@ -274,12 +288,16 @@ async def measure(
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--provider", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--workload", choices=[*DEFAULT_N, "all"], default="all")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--url", default=None, help="PostgreSQL URL (default: PERDURE_PG_URL or the local server)")
+    parser.add_argument(
+        "--url", default=None, help="PostgreSQL URL (default: PERDURE_PG_URL or the local server)"
+    )
     parser.add_argument("--processes", default="1,2,4", help="worker process counts for the workers workload")
     parser.add_argument("--worker-process", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -302,7 +320,13 @@ async def main(argv: list[str] | None = None) -> None:
                     if line["metric"] == "orchestrations_per_s":
                         print(json.dumps(line), flush=True)
             continue
-        workload = {"hello": w_hello, "chain": w_chain, "fanout": w_fanout, "history": w_history, "timers": w_timers}
+        workload = {
+            "hello": w_hello,
+            "chain": w_chain,
+            "fanout": w_fanout,
+            "history": w_history,
+            "timers": w_timers,
+        }
         fn = workload[name]
 
         async def run_one(fn: Any = fn, n: int = n) -> dict[str, float]:

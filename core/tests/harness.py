@@ -37,7 +37,7 @@ class Harness:
             body=orchestration_body(definition, self.registry),
         )
 
-    def start(self, input: Any = None, parent: h.ParentRef | None = None) -> TurnResult:  # noqa: A002
+    def start(self, input: Any = None, parent: h.ParentRef | None = None) -> TurnResult:
         return self.turn(
             h.StartOrchestration(
                 instance_id=self.instance_id, name=self.orchestration, input=dumps(input), parent=parent
@@ -76,7 +76,9 @@ class Harness:
             result=dumps(value),
         )
 
-    def fail(self, item: h.ActivityExecute, type_name: str = "ValueError", message: str = "boom") -> h.ActivityError:
+    def fail(
+        self, item: h.ActivityExecute, type_name: str = "ValueError", message: str = "boom"
+    ) -> h.ActivityError:
         return h.ActivityError(
             instance_id=item.instance_id,
             execution_id=item.execution_id,

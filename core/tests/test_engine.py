@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-
 from harness import Harness, kinds, timers
+
 from perdure import history as h
 from perdure.context import ActivityContext, OrchestrationContext
 from perdure.errors import ActivityFailed, NondeterminismError, SubOrchestrationFailed, TaskCancelled
@@ -151,7 +151,9 @@ def test_all_fails_with_the_first_failure_in_history_order() -> None:
 
 def test_all_with_return_exceptions_returns_failures_in_place() -> None:
     async def fan(ctx: OrchestrationContext) -> list[str]:
-        results = await ctx.all([ctx.call_activity(step, "a"), ctx.call_activity(step, "b")], return_exceptions=True)
+        results = await ctx.all(
+            [ctx.call_activity(step, "a"), ctx.call_activity(step, "b")], return_exceptions=True
+        )
         return [r if isinstance(r, str) else type(r).__name__ for r in results]
 
     t = harness(fan)
@@ -175,7 +177,9 @@ def test_any_resolves_by_history_order_and_cancels_the_loser(order: str) -> None
     winner = 0 if order == "ab" else 1
     assert loads(done.output or "") == [winner, "AB"[winner]]
     loser = (b, a)[winner]
-    assert done.cancelled_activities == [h.ActivityRef(loser.instance_id, loser.execution_id, loser.activity_id)]
+    assert done.cancelled_activities == [
+        h.ActivityRef(loser.instance_id, loser.execution_id, loser.activity_id)
+    ]
     cancels = [e for e in done.new_events if isinstance(e, h.ActivityCancelled)]
     assert [c.target_id for c in cancels] == [loser.activity_id]
 
@@ -390,7 +394,9 @@ def test_per_attempt_timeout_cancels_the_attempt_and_retries() -> None:
     (timeout,) = timers(first)
     assert timeout.fire_at_ms == t.now_ms + 5000
     retry = t.turn(timeout, advance_ms=5000)
-    assert retry.cancelled_activities == [h.ActivityRef(item.instance_id, item.execution_id, item.activity_id)]
+    assert retry.cancelled_activities == [
+        h.ActivityRef(item.instance_id, item.execution_id, item.activity_id)
+    ]
     (again,) = retry.worker_items
     assert loads(t.turn(t.complete(again, "late but fine")).output or "") == "late but fine"
     stale = t.turn(t.complete(item, "too late"))
@@ -409,7 +415,10 @@ def test_utc_now_is_the_time_of_the_event_being_processed() -> None:
     (timer,) = timers(t.start())
     start = t.now_ms
     t.turn(timer, advance_ms=61_000)
-    assert seen == [datetime.fromtimestamp(start / 1000, UTC), datetime.fromtimestamp((start + 61_000) / 1000, UTC)]
+    assert seen == [
+        datetime.fromtimestamp(start / 1000, UTC),
+        datetime.fromtimestamp((start + 61_000) / 1000, UTC),
+    ]
     seen.clear()
     t.replay_fresh()
     assert seen[0] == datetime.fromtimestamp(start / 1000, UTC)
@@ -482,7 +491,9 @@ def test_child_reports_its_outcome_to_the_parent() -> None:
     t = harness(child)
     done = t.start(21, parent=h.ParentRef("p", 3, 7))
     assert done.status == "completed"
-    assert done.orchestrator_items == [h.SubOrchestrationResult(instance_id="p", execution_id=3, source_id=7, result="42")]
+    assert done.orchestrator_items == [
+        h.SubOrchestrationResult(instance_id="p", execution_id=3, source_id=7, result="42")
+    ]
 
 
 def test_continue_as_new_ends_the_execution_and_carries_custom_status() -> None:
@@ -511,7 +522,10 @@ def test_cancel_request_ends_instance_and_cancels_activities_and_children() -> N
     done = t.turn(h.CancelInstance(instance_id="inst-1", reason="user said stop"))
     assert done.status == "cancelled"
     assert done.cancelled_activities == [h.ActivityRef("inst-1", 1, item.activity_id)]
-    assert h.CancelInstance(instance_id="inst-1:3", reason="parent orchestration ended") in done.orchestrator_items
+    assert (
+        h.CancelInstance(instance_id="inst-1:3", reason="parent orchestration ended")
+        in done.orchestrator_items
+    )
     assert kinds(done)[-1] == "OrchestrationCancelled"
     details = decode_error(done.output or "")
     assert (details.kind, details.message) == ("cancelled", "user said stop")

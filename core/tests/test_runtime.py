@@ -49,9 +49,7 @@ def options(cache_size: int, **overrides: Any) -> RuntimeOptions:
 
 
 @pytest.fixture
-async def runtime_factory(
-    provider: Provider, cache_size: int
-) -> AsyncIterator[Any]:
+async def runtime_factory(provider: Provider, cache_size: int) -> AsyncIterator[Any]:
     started: list[Runtime] = []
 
     async def make(registry: Registry, **overrides: Any) -> Runtime:
@@ -211,7 +209,9 @@ async def test_human_approval_times_out_on_a_durable_timer(runtime_factory: Any)
     instance = await runtime.client.start_orchestration(approval)
     status = await runtime.client.wait_for_orchestration(instance, timeout=10)
     assert status.result() == "timed out"
-    await runtime.client.raise_event(instance, "approved", None)  # too late: dropped, instance stays completed
+    await runtime.client.raise_event(
+        instance, "approved", None
+    )  # too late: dropped, instance stays completed
     await asyncio.sleep(0.1)
     final = await runtime.client.get_status(instance)
     assert final is not None and final.result() == "timed out"
@@ -334,7 +334,9 @@ async def test_cancel_cascades_to_children_and_running_activities(runtime_factor
 
     @app.orchestration
     async def boss(ctx: OrchestrationContext) -> None:
-        await ctx.all([ctx.call_activity(long_job), ctx.call_sub_orchestration(kid, None, instance_id="boss-kid")])
+        await ctx.all(
+            [ctx.call_activity(long_job), ctx.call_sub_orchestration(kid, None, instance_id="boss-kid")]
+        )
 
     runtime = await runtime_factory(app)
     client = runtime.client
@@ -386,7 +388,9 @@ async def test_racing_starts_of_one_new_id_run_it_once(runtime_factory: Any) -> 
         return who
 
     runtime = await runtime_factory(app)
-    await asyncio.gather(*(runtime.client.start_orchestration(once, f"c{i}", instance_id="dup") for i in range(3)))
+    await asyncio.gather(
+        *(runtime.client.start_orchestration(once, f"c{i}", instance_id="dup") for i in range(3))
+    )
     status = await runtime.client.wait_for_orchestration("dup", timeout=10)
     await asyncio.sleep(0.2)
     assert runs == [status.result()]
@@ -499,7 +503,9 @@ async def test_unknown_activity_waits_for_a_worker_that_has_it(runtime_factory: 
 class InflatedAttempts(Provider):
     """Wraps a provider and reports every fetch as if it had been retried ``extra`` more times."""
 
-    def __init__(self, inner: Provider, extra: int, *, orchestrations: bool = True, activities: bool = True) -> None:
+    def __init__(
+        self, inner: Provider, extra: int, *, orchestrations: bool = True, activities: bool = True
+    ) -> None:
         self.inner = inner
         self.extra = extra
         self.orchestrations = orchestrations
@@ -626,7 +632,9 @@ async def test_long_activity_keeps_its_lease_and_runs_once(runtime_factory: Any)
     assert runs[instance] == 1
 
 
-async def test_graceful_shutdown_lets_in_flight_activities_finish(provider: Provider, cache_size: int) -> None:
+async def test_graceful_shutdown_lets_in_flight_activities_finish(
+    provider: Provider, cache_size: int
+) -> None:
     app = Registry()
     finished = threading.Event()
     started = threading.Event()
@@ -652,7 +660,9 @@ async def test_graceful_shutdown_lets_in_flight_activities_finish(provider: Prov
         assert (await again.client.wait_for_orchestration(instance, timeout=10)).result() == "finished"
 
 
-async def test_shutdown_timeout_cancels_and_releases_stuck_activities(provider: Provider, cache_size: int) -> None:
+async def test_shutdown_timeout_cancels_and_releases_stuck_activities(
+    provider: Provider, cache_size: int
+) -> None:
     app = Registry()
     attempts: list[int] = []
     saw_cancel = asyncio.Event()

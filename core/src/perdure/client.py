@@ -101,7 +101,7 @@ class Client:
     async def start_orchestration(
         self,
         orchestration: Callable[..., Any] | str,
-        input: Any = None,  # noqa: A002
+        input: Any = None,
         *,
         instance_id: str | None = None,
         version: str | None = None,
@@ -121,8 +121,8 @@ class Client:
             if if_exists == "ignore":
                 return instance
             raise InstanceAlreadyExists(
-                f"instance {instance!r} already exists ({existing.name}, {existing.status}); pick another id, "
-                "delete the old instance, or pass if_exists='ignore'"
+                f"instance {instance!r} already exists ({existing.name}, {existing.status}); "
+                "pick another id, delete the old instance, or pass if_exists='ignore'"
             )
         what = f"input of orchestration {name!r}"
         text = check_payload(dumps(input, what=what), what)
@@ -136,13 +136,19 @@ class Client:
         validate_name(name, "event name")
         what = f"data of event {name!r}"
         text = check_payload(dumps(data, what=what), what)
-        await self.provider.enqueue_orchestrator_messages([h.RaiseEvent(instance_id=instance_id, name=name, data=text)])
+        await self.provider.enqueue_orchestrator_messages(
+            [h.RaiseEvent(instance_id=instance_id, name=name, data=text)]
+        )
 
     async def cancel(self, instance_id: str, reason: str = "cancelled by client") -> None:
-        """Ask an instance to cancel: it ends as ``cancelled``, its children are cancelled and its
-        running activities get the cooperative cancel signal.
+        """Ask an instance to cancel.
+
+        It ends as ``cancelled``, its children are cancelled and its running activities get the
+        cooperative cancel signal.
         """
-        await self.provider.enqueue_orchestrator_messages([h.CancelInstance(instance_id=instance_id, reason=reason)])
+        await self.provider.enqueue_orchestrator_messages(
+            [h.CancelInstance(instance_id=instance_id, reason=reason)]
+        )
 
     async def get_status(self, instance_id: str) -> OrchestrationStatus | None:
         """The instance's current status, or ``None`` if it does not exist (or has not started yet)."""
@@ -172,7 +178,12 @@ class Client:
             await self.provider.wait_for_instance_change(instance_id, wait)
 
     async def wait_for_status_change(
-        self, instance_id: str, last_seen_version: int = 0, timeout: float | None = None, *, poll_interval: float = 0.5
+        self,
+        instance_id: str,
+        last_seen_version: int = 0,
+        timeout: float | None = None,
+        *,
+        poll_interval: float = 0.5,
     ) -> tuple[Any, int]:
         """Wait until the custom status version exceeds ``last_seen_version``.
 
@@ -187,7 +198,9 @@ class Client:
                 return (None if text is None else loads(text, what="custom status")), version
             info = await self.provider.get_instance(instance_id)
             if info is not None and info.status in TERMINAL_STATUSES:
-                raise InstanceNotFound(f"orchestration {instance_id!r} ended ({info.status}) without a status change")
+                raise InstanceNotFound(
+                    f"orchestration {instance_id!r} ended ({info.status}) without a status change"
+                )
             wait = poll_interval
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -208,8 +221,8 @@ class Client:
         found = definition_of(orchestration)
         if not isinstance(found, OrchestrationDef):
             raise TypeError(
-                f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered orchestration; "
-                "decorate it with @registry.orchestration or pass its name"
+                f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered "
+                "orchestration; decorate it with @registry.orchestration or pass its name"
             )
         return found.name
 

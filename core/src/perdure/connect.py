@@ -22,13 +22,21 @@ def connect(url: str, **options: Any) -> Provider:
     found = [ep for ep in entry_points(group=GROUP) if ep.name == scheme]
     if not found:
         known = sorted({ep.name for ep in entry_points(group=GROUP)}) or ["none installed"]
-        hint = {"sqlite": "perdure[sqlite]", "postgresql": "perdure[postgres]", "postgres": "perdure[postgres]"}
+        hint = {
+            "sqlite": "perdure[sqlite]",
+            "postgresql": "perdure[postgres]",
+            "postgres": "perdure[postgres]",
+        }
         install = f"; install it with pip install '{hint[scheme]}'" if scheme in hint else ""
-        raise ValueError(f"no perdure provider for URL scheme {scheme!r} (available: {', '.join(known)}){install}")
+        raise ValueError(
+            f"no perdure provider for URL scheme {scheme!r} (available: {', '.join(known)}){install}"
+        )
     factory = found[0].load()
     provider = factory(url, **options)
     if not isinstance(provider, Provider):
-        raise TypeError(f"entry point {found[0].value} returned {type(provider).__name__}, not a perdure Provider")
+        raise TypeError(
+            f"entry point {found[0].value} returned {type(provider).__name__}, not a perdure Provider"
+        )
     return provider
 
 

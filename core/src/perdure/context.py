@@ -39,7 +39,7 @@ class ReplaySafeLogger(logging.LoggerAdapter[logging.Logger]):
         super().__init__(logger, {"instance_id": ctx.instance_id, "orchestration": ctx.name})
         self._ctx = ctx
 
-    def isEnabledFor(self, level: int) -> bool:  # noqa: N802 - logging API
+    def isEnabledFor(self, level: int) -> bool:
         """Enabled only when not replaying (and the underlying logger allows the level)."""
         return not self._ctx.is_replaying and self.logger.isEnabledFor(level)
 
@@ -65,7 +65,7 @@ class OrchestrationContext:
 
     @property
     def instance_id(self) -> str:
-        """This instance's id."""
+        """The id of this instance."""
         return self._engine.instance_id
 
     @property
@@ -110,7 +110,7 @@ class OrchestrationContext:
     def call_activity(
         self,
         activity: Callable[..., Any] | str,
-        input: Any = None,  # noqa: A002 - the natural name for the payload
+        input: Any = None,
         *,
         retry: RetryPolicy | None = None,
         result_type: Any = None,
@@ -130,7 +130,9 @@ class OrchestrationContext:
             return self._engine.schedule_activity(name, text, decode)
         return self._engine.spawn(self._with_retry(name, text, decode, retry))
 
-    async def _with_retry(self, name: str, text: str, decode: Callable[[str], Any], policy: RetryPolicy) -> Any:
+    async def _with_retry(
+        self, name: str, text: str, decode: Callable[[str], Any], policy: RetryPolicy
+    ) -> Any:
         engine = self._engine
         attempt = 1
         while True:
@@ -144,7 +146,9 @@ class OrchestrationContext:
                     raise ActivityFailed(
                         name,
                         h.ErrorDetails(
-                            "timeout", "ActivityTimeout", f"attempt {attempt} took longer than {policy.timeout}s"
+                            "timeout",
+                            "ActivityTimeout",
+                            f"attempt {attempt} took longer than {policy.timeout}s",
                         ),
                     )
                 return value
@@ -186,7 +190,7 @@ class OrchestrationContext:
     def call_sub_orchestration(
         self,
         orchestration: Callable[..., Any] | str,
-        input: Any = None,  # noqa: A002
+        input: Any = None,
         *,
         instance_id: str | None = None,
         version: str | None = None,
@@ -204,8 +208,8 @@ class OrchestrationContext:
             found = definition_of(orchestration)
             if not isinstance(found, OrchestrationDef):
                 raise TypeError(
-                    f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered orchestration; "
-                    "decorate it with @registry.orchestration or pass its name"
+                    f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered "
+                    "orchestration; decorate it with @registry.orchestration or pass its name"
                 )
             name, definition = found.name, found
         if instance_id is not None:
@@ -219,7 +223,10 @@ class OrchestrationContext:
     # -- composition -----------------------------------------------------------------------------
 
     def all(
-        self, awaitables: Sequence[DurableFuture[Any] | Coroutine[Any, Any, Any]], *, return_exceptions: bool = False
+        self,
+        awaitables: Sequence[DurableFuture[Any] | Coroutine[Any, Any, Any]],
+        *,
+        return_exceptions: bool = False,
     ) -> DurableFuture[list[Any]]:
         """Wait for all: results in argument order; the first failure (in history order) is raised.
 
@@ -228,7 +235,9 @@ class OrchestrationContext:
         """
         return self._engine.all(awaitables, return_exceptions)
 
-    def any(self, awaitables: Sequence[DurableFuture[Any] | Coroutine[Any, Any, Any]]) -> DurableFuture[tuple[int, Any]]:
+    def any(
+        self, awaitables: Sequence[DurableFuture[Any] | Coroutine[Any, Any, Any]]
+    ) -> DurableFuture[tuple[int, Any]]:
         """Wait for the first to finish (in history order); returns ``(index, result)``.
 
         The others are cancelled: their activities are withdrawn (a running one is told to
@@ -239,7 +248,7 @@ class OrchestrationContext:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def continue_as_new(self, input: Any = None, *, version: str | None = None) -> NoReturn:  # noqa: A002
+    def continue_as_new(self, input: Any = None, *, version: str | None = None) -> NoReturn:
         """End this execution and start a fresh one with ``input`` and an empty history.
 
         Does not return. Use it for eternal orchestrations so history stays short.

@@ -23,6 +23,8 @@ messages, reading no history and replaying nothing.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import random as _random
 import traceback
@@ -35,8 +37,8 @@ from typing import Any, Generic, TypeVar
 from perdure import history as h
 from perdure.errors import (
     ActivityFailed,
-    NonDurableAwait,
     NondeterminismError,
+    NonDurableAwait,
     SubOrchestrationFailed,
     TaskCancelled,
 )
@@ -49,7 +51,7 @@ _PENDING, _DONE, _CANCELLED = 0, 1, 2
 _GUID_NAMESPACE = uuid.UUID("7c1c5f5e-4bb7-4d2c-9d1a-8b1f3cde0a11")
 
 
-class ContinueAsNewSignal(BaseException):  # noqa: N818 - a control-flow signal, not an error
+class ContinueAsNewSignal(BaseException):
     """Raised by ``ctx.continue_as_new``; a BaseException so ``except Exception`` can't swallow it."""
 
     def __init__(self, input_text: str, version: str | None) -> None:
@@ -196,7 +198,7 @@ class _AnyFuture(DurableFuture[tuple[int, Any]]):
             raise ValueError("ctx.any() needs at least one awaitable")
         self._children = children
         for index, child in enumerate(children):
-            child._add_callback(lambda c, i=index: self._child_done(i, c))
+            child._add_callback(functools.partial(self._child_done, index))
 
     def _child_done(self, index: int, child: DurableFuture[Any]) -> None:
         if self._state != _PENDING:
@@ -267,7 +269,9 @@ class _CallActivity(_Action):
         return h.ActivityScheduled(event_id=event_id, timestamp_ms=ts, name=self.name, input=self.input)
 
     def matches(self, event: h.Event) -> bool:
-        return isinstance(event, h.ActivityScheduled) and event.name == self.name and event.input == self.input
+        return (
+            isinstance(event, h.ActivityScheduled) and event.name == self.name and event.input == self.input
+        )
 
     def bind(self, engine: Engine, event: h.Event) -> None:
         engine._bind_open(self.future, event.event_id)
@@ -342,7 +346,12 @@ class _CallSubOrchestration(_Action):
     __slots__ = ("future", "input", "instance_id", "name", "version")
 
     def __init__(
-        self, future: ScheduledFuture[Any], name: str, instance_id: str | None, input_text: str, version: str | None
+        self,
+        future: ScheduledFuture[Any],
+        name: str,
+        instance_id: str | None,
+        input_text: str,
+        version: str | None,
     ) -> None:
         self.future, self.name, self.instance_id = future, name, instance_id
         self.input, self.version = input_text, version
@@ -350,12 +359,19 @@ class _CallSubOrchestration(_Action):
     def make(self, engine: Engine, event_id: int, ts: int) -> h.Event:
         child = self.instance_id or f"{engine.instance_id}:{event_id}"
         return h.SubOrchestrationScheduled(
-            event_id=event_id, timestamp_ms=ts, name=self.name, instance_id=child, input=self.input, version=self.version
+            event_id=event_id,
+            timestamp_ms=ts,
+            name=self.name,
+            instance_id=child,
+            input=self.input,
+            version=self.version,
         )
 
     def matches(self, event: h.Event) -> bool:
         return (
-            isinstance(event, h.SubOrchestrationScheduled) and event.name == self.name and event.input == self.input
+            isinstance(event, h.SubOrchestrationScheduled)
+            and event.name == self.name
+            and event.input == self.input
         )
 
     def bind(self, engine: Engine, event: h.Event) -> None:
@@ -390,7 +406,9 @@ class _Cancel(_Action):
     def make(self, engine: Engine, event_id: int, ts: int) -> h.Event:
         target_id = self.target.event_id
         if self.target.kind == "activity":
-            return h.ActivityCancelled(event_id=event_id, timestamp_ms=ts, target_id=target_id, reason=self.reason)
+            return h.ActivityCancelled(
+                event_id=event_id, timestamp_ms=ts, target_id=target_id, reason=self.reason
+            )
         if self.target.kind == "suborchestration":
             return h.SubOrchestrationCancelled(
                 event_id=event_id, timestamp_ms=ts, target_id=target_id, reason=self.reason
@@ -516,7 +534,9 @@ class Engine:
 
     # -- what the context calls --------------------------------------------------------------
 
-    def schedule_activity(self, name: str, input_text: str, decode: Callable[[str], Any]) -> ScheduledFuture[Any]:
+    def schedule_activity(
+        self, name: str, input_text: str, decode: Callable[[str], Any]
+    ) -> ScheduledFuture[Any]:
         """Queue an activity call and return its future."""
         future: ScheduledFuture[Any] = ScheduledFuture(self, "activity", name, decode)
         self._actions.append(_CallActivity(future, name, input_text))
@@ -535,7 +555,12 @@ class Engine:
         return future
 
     def schedule_sub_orchestration(
-        self, name: str, instance_id: str | None, input_text: str, version: str | None, decode: Callable[[str], Any]
+        self,
+        name: str,
+        instance_id: str | None,
+        input_text: str,
+        version: str | None,
+        decode: Callable[[str], Any],
     ) -> ScheduledFuture[Any]:
         """Queue a child orchestration start and return the future of its outcome."""
         future: ScheduledFuture[Any] = ScheduledFuture(self, "suborchestration", name, decode)
@@ -576,7 +601,9 @@ class Engine:
     def new_guid(self) -> uuid.UUID:
         """A UUID that is the same on every replay of this step."""
         self._guid_counter += 1
-        return uuid.uuid5(_GUID_NAMESPACE, f"{self.instance_id}\x00{self.execution_id}\x00{self._guid_counter}")
+        return uuid.uuid5(
+            _GUID_NAMESPACE, f"{self.instance_id}\x00{self.execution_id}\x00{self._guid_counter}"
+        )
 
     # -- driving ------------------------------------------------------------------------------
 
@@ -623,7 +650,9 @@ class Engine:
                 version=start.version,
                 input=start.input,
                 parent=start.parent,
-                initial_custom_status=start.initial_custom_status if isinstance(start, h.ContinueAsNew) else None,
+                initial_custom_status=start.initial_custom_status
+                if isinstance(start, h.ContinueAsNew)
+                else None,
             )
             turn.status = "running"
             self._record_and_apply(started, turn_time)
@@ -698,8 +727,9 @@ class Engine:
             future = self._open.pop(event.source_id, None)
             if future is None:
                 raise NondeterminismError(
-                    f"history of {self._where()} delivers {event.TYPE} for event {event.source_id}, which the "
-                    "code never scheduled or already stopped waiting for (corrupt history or changed code)"
+                    f"history of {self._where()} delivers {event.TYPE} for event {event.source_id}, "
+                    "which the code never scheduled or already stopped waiting for (corrupt history or "
+                    "changed code)"
                 )
             self._deliver(future, event)
         elif isinstance(event, h.EventRaised):
@@ -750,17 +780,23 @@ class Engine:
                 return None
             src = message.source_id
             if isinstance(message, h.ActivityResult):
-                return h.ActivityCompleted(event_id=next_id, timestamp_ms=ts, source_id=src, result=message.result)
+                return h.ActivityCompleted(
+                    event_id=next_id, timestamp_ms=ts, source_id=src, result=message.result
+                )
             if isinstance(message, h.ActivityError):
                 return h.ActivityFailed(event_id=next_id, timestamp_ms=ts, source_id=src, error=message.error)
             if isinstance(message, h.TimerElapsed):
-                return h.TimerFired(event_id=next_id, timestamp_ms=ts, source_id=src, fire_at_ms=message.fire_at_ms)
+                return h.TimerFired(
+                    event_id=next_id, timestamp_ms=ts, source_id=src, fire_at_ms=message.fire_at_ms
+                )
             if isinstance(message, h.SubOrchestrationResult):
                 return h.SubOrchestrationCompleted(
                     event_id=next_id, timestamp_ms=ts, source_id=src, result=message.result
                 )
             assert isinstance(message, h.SubOrchestrationError)
-            return h.SubOrchestrationFailed(event_id=next_id, timestamp_ms=ts, source_id=src, error=message.error)
+            return h.SubOrchestrationFailed(
+                event_id=next_id, timestamp_ms=ts, source_id=src, error=message.error
+            )
         if isinstance(message, h.RaiseEvent):
             return h.EventRaised(event_id=next_id, timestamp_ms=ts, name=message.name, data=message.data)
         if isinstance(message, h.CancelInstance):
@@ -801,11 +837,11 @@ class Engine:
                     self._ready.append(task)
                 else:
                     task.waiting = yielded
-                    yielded._add_callback(lambda _f, t=task: self._wake(t))
+                    yielded._add_callback(functools.partial(self._wake, task))
                 return
             error = NonDurableAwait(_non_durable_message(yielded))
 
-    def _wake(self, task: _Task) -> None:
+    def _wake(self, task: _Task, _future: DurableFuture[Any] | None = None) -> None:
         task.waiting = None
         if not task.closed:
             self._ready.append(task)
@@ -894,7 +930,9 @@ class Engine:
                 )
         else:
             if details.kind == "cancelled":
-                terminal = h.OrchestrationCancelled(event_id=eid, timestamp_ms=turn_time, reason=details.message)
+                terminal = h.OrchestrationCancelled(
+                    event_id=eid, timestamp_ms=turn_time, reason=details.message
+                )
                 turn.status = "cancelled"
             else:
                 terminal = h.OrchestrationFailed(event_id=eid, timestamp_ms=turn_time, error=details)
@@ -929,10 +967,8 @@ class Engine:
 
 def _close(coro: Coroutine[Any, Any, Any]) -> None:
     """Close a cancelled coroutine; one that awaits in a ``finally`` block is just dropped."""
-    try:
+    with contextlib.suppress(RuntimeError):
         coro.close()
-    except RuntimeError:
-        pass
 
 
 def _error_details(error: BaseException) -> h.ErrorDetails:
@@ -959,7 +995,8 @@ def _non_durable_message(obj: object) -> str:
             "instead of asyncio.gather / wait / wait_for, and do I/O in an activity (ctx.call_activity)."
         )
     return (
-        f"an orchestration awaited {type(obj).__name__} from {module}, which perdure cannot record or replay. "
+        f"an orchestration awaited {type(obj).__name__} from {module}, which perdure cannot record "
+        "or replay. "
         "Orchestrations may only await durable calls (ctx.call_activity, ctx.sleep, ctx.wait_for_event, "
         "ctx.call_sub_orchestration, ctx.all, ctx.any) and async helpers made of them; do I/O in an activity."
     )

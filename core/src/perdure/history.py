@@ -116,7 +116,7 @@ class OrchestrationCancelled(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class OrchestrationContinuedAsNew(Event):
-    """This execution ended and a new one starts with ``input`` (history is reset)."""
+    """The execution ended and a new one starts with ``input`` (history is reset)."""
 
     TYPE = "OrchestrationContinuedAsNew"
     TERMINAL = True

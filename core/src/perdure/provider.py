@@ -87,7 +87,9 @@ class ProviderError(Exception):
     @classmethod
     def lock_lost(cls, operation: str, lock_token: str) -> ProviderError:
         """The lock or lease behind ``lock_token`` is invalid, expired or was never granted."""
-        return cls(operation, f"lock {lock_token!r} is not held (invalid, expired or released)", retryable=False)
+        return cls(
+            operation, f"lock {lock_token!r} is not held (invalid, expired or released)", retryable=False
+        )
 
     def __repr__(self) -> str:
         kind = "retryable" if self.retryable else "permanent"
@@ -277,9 +279,13 @@ class Provider(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def abandon_work_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
-        """Release a lease without completing; semantics of ``delay`` and ``ignore_attempt`` as for
-        :meth:`abandon_orchestration_item`. An invalid or expired token raises a permanent error.
+    async def abandon_work_item(
+        self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
+    ) -> None:
+        """Release a lease without completing.
+
+        ``delay`` and ``ignore_attempt`` mean what they mean for :meth:`abandon_orchestration_item`.
+        An invalid or expired token raises a permanent error.
         """
 
     @abc.abstractmethod
@@ -311,7 +317,9 @@ class Provider(abc.ABC):
     async def get_instance(self, instance_id: str) -> InstanceInfo | None:
         """The instance's stored state, or ``None`` if it has not been created."""
 
-    async def get_custom_status(self, instance_id: str, last_seen_version: int) -> tuple[str | None, int] | None:
+    async def get_custom_status(
+        self, instance_id: str, last_seen_version: int
+    ) -> tuple[str | None, int] | None:
         """``(custom_status, version)`` if the version is above ``last_seen_version``, else ``None``.
 
         ``None`` also for an unknown instance. A new instance has status ``None`` at version 0.

@@ -93,7 +93,7 @@ class Registry:
     @overload
     def activity(self, *, name: str | None = None) -> Callable[[F], F]: ...
 
-    def activity(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    def activity(self, fn: Any = None, *, name: str | None = None) -> Any:
         """Register a sync or async function as an activity (named after it unless ``name``)."""
 
         def register(f: F) -> F:
@@ -121,9 +121,7 @@ class Registry:
     @overload
     def orchestration(self, *, name: str | None = None, version: str | None = None) -> Callable[[F], F]: ...
 
-    def orchestration(
-        self, fn: F | None = None, /, *, name: str | None = None, version: str | None = None
-    ) -> F | Callable[[F], F]:
+    def orchestration(self, fn: Any = None, *, name: str | None = None, version: str | None = None) -> Any:
         """Register an ``async def`` orchestration (named after it unless ``name``).
 
         Several versions of one name may be registered; new instances start on the latest
@@ -143,7 +141,8 @@ class Registry:
             takes_context, takes_input, input_type, output_type = _signature(f, "orchestration")
             if not takes_context:
                 raise TypeError(
-                    f"orchestration {f.__qualname__} must take the OrchestrationContext as its first parameter"
+                    f"orchestration {f.__qualname__} must take the OrchestrationContext as its first "
+                    "parameter"
                 )
             definition = OrchestrationDef(
                 name=orch_name,

@@ -28,6 +28,7 @@ class RetryPolicy:
             counts as a failure of type ``ActivityTimeout``.
         non_retryable: exception type names (as raised by the activity, e.g. ``"ValueError"``)
             that fail the call at once.
+
     """
 
     max_attempts: int = 3
@@ -65,7 +66,7 @@ class RetryPolicy:
 
     def should_retry(self, error_type: str, attempt: int) -> bool:
         """Whether a failure of ``error_type`` on attempt ``attempt`` leads to another attempt."""
-        return attempt < self.max_attempts and error_type not in self.non_retryable  # type: ignore[operator]
+        return attempt < self.max_attempts and error_type not in self.non_retryable
 
 
 __all__ = ["Backoff", "RetryPolicy"]

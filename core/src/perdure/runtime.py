@@ -70,6 +70,7 @@ class RuntimeOptions:
         unknown_name_max_backoff: cap of that delay.
         cache_size: live orchestrations kept in memory (0 disables the cache; results are the same).
         shutdown_timeout: how long shutdown waits for in-flight activities by default.
+
     """
 
     orchestration_dispatchers: int = 2
@@ -94,6 +95,7 @@ class _Batcher(Generic[A]):
         self._call = call
         self._pending: list[tuple[A, asyncio.Future[ProviderError | None]]] = []
         self._flushing = False
+        self._flusher: asyncio.Future[None] | None = None
 
     async def submit(self, items: Sequence[A]) -> list[ProviderError | None]:
         loop = asyncio.get_running_loop()
@@ -101,7 +103,7 @@ class _Batcher(Generic[A]):
         self._pending.extend(zip(items, futures, strict=True))
         if not self._flushing:
             self._flushing = True
-            asyncio.ensure_future(self._flush())
+            self._flusher = asyncio.ensure_future(self._flush())
         return list(await asyncio.gather(*futures))
 
     async def _flush(self) -> None:
@@ -204,8 +206,9 @@ class Runtime:
         """Stop fetching, let in-flight activities finish within ``timeout``, then stop.
 
         Activities still running after the timeout get the cancel signal and one more second;
-        then their leases are released so another worker retries them at once. Orchestration turns in progress finish
-        (they take milliseconds). The provider is left open for the caller to close.
+        then their leases are released so another worker retries them at once. Orchestration
+        turns in progress finish (they take milliseconds). The provider is left open for the
+        caller to close.
         """
         if not self._running:
             return
@@ -261,7 +264,9 @@ class Runtime:
             if not items:
                 await self.provider.wait_for_work("orchestrator", options.poll_interval)
                 continue
-            acks = [ack for ack in await asyncio.gather(*(self._turn(item) for item in items)) if ack is not None]
+            acks = [
+                ack for ack in await asyncio.gather(*(self._turn(item) for item in items)) if ack is not None
+            ]
             if acks:
                 await self._commit_turns(acks)
             if len(items) < options.orchestration_batch:
@@ -287,7 +292,9 @@ class Runtime:
                 if error.retryable and attempt < 3:
                     retry.append(ack)
                 else:
-                    _log.warning("turn of %r was not committed (%s); it will run again", ack.instance_id, error)
+                    _log.warning(
+                        "turn of %r was not committed (%s); it will run again", ack.instance_id, error
+                    )
                     if error.retryable:
                         await self._abandon_turn(ack.lock_token)
             if not retry:
@@ -313,11 +320,15 @@ class Runtime:
         instance = item.instance
         for problem in item.bad_messages:
             _log.error("dropping undecodable message for %r: %s", item.instance_id, problem)
-        start = next((m for m in item.messages if isinstance(m, h.StartOrchestration | h.ContinueAsNew)), None)
+        start = next(
+            (m for m in item.messages if isinstance(m, h.StartOrchestration | h.ContinueAsNew)), None
+        )
         if instance is None or instance.status == "continued_as_new":
             if start is None or (
                 instance is not None
-                and not (isinstance(start, h.ContinueAsNew) and start.execution_id == instance.execution_id + 1)
+                and not (
+                    isinstance(start, h.ContinueAsNew) and start.execution_id == instance.execution_id + 1
+                )
             ):
                 return self._empty_ack(item, "the instance has not started")
             execution_id = start.execution_id if isinstance(start, h.ContinueAsNew) else 1
@@ -334,7 +345,8 @@ class Runtime:
         definition = self.registry.orchestration_def(name, version)
         if definition is None:
             delay = min(
-                self.options.unknown_name_backoff * 2 ** (item.attempt_count - 1), self.options.unknown_name_max_backoff
+                self.options.unknown_name_backoff * 2 ** (item.attempt_count - 1),
+                self.options.unknown_name_max_backoff,
             )
             _log.warning(
                 "orchestration %r%s of %r is not registered here; retrying in %.1f s (attempt %d of %d)",
@@ -366,7 +378,9 @@ class Runtime:
                 try:
                     engine.replay(history)
                 except NondeterminismError as exc:
-                    return self._failure_ack(item, engine, name, version, error_details(exc, "nondeterminism"))
+                    return self._failure_ack(
+                        item, engine, name, version, error_details(exc, "nondeterminism")
+                    )
                 if last_event_id >= HISTORY_WARNING_EVENTS and len(history) == last_event_id:
                     _log.warning(
                         "history of %r has %d events; consider ctx.continue_as_new to keep turns fast",
@@ -471,7 +485,9 @@ class Runtime:
                     parent = first[0].parent
             except ProviderError as exc:
                 _log.error("cannot find the parent of poisoned %r: %s", item.instance_id, exc)
-        events.append(h.OrchestrationFailed(event_id=last_event_id + len(events) + 1, timestamp_ms=now, error=details))
+        events.append(
+            h.OrchestrationFailed(event_id=last_event_id + len(events) + 1, timestamp_ms=now, error=details)
+        )
         return OrchestrationAck(
             lock_token=item.lock_token,
             instance_id=item.instance_id,
@@ -553,20 +569,30 @@ class Runtime:
 
         def failure(details: h.ErrorDetails) -> h.Message:
             return h.ActivityError(
-                instance_id=ref.instance_id, execution_id=ref.execution_id, source_id=ref.activity_id, error=details
+                instance_id=ref.instance_id,
+                execution_id=ref.execution_id,
+                source_id=ref.activity_id,
+                error=details,
             )
 
         item = lease.item
         if item is None:
-            return failure(h.ErrorDetails("poison", "UndecodableWorkItem", lease.decode_error or "undecodable"))
+            return failure(
+                h.ErrorDetails("poison", "UndecodableWorkItem", lease.decode_error or "undecodable")
+            )
         definition = self.registry.activity_def(item.name)
         if lease.attempt_count > self.options.max_attempts:
-            why = "it is not registered on any worker that fetched it" if definition is None else "it kept crashing"
+            why = (
+                "it is not registered on any worker that fetched it"
+                if definition is None
+                else "it kept crashing"
+            )
             return failure(
                 h.ErrorDetails(
                     "poison",
                     "PoisonMessage",
-                    f"activity {item.name!r} was fetched {lease.attempt_count} times without completing: {why}",
+                    f"activity {item.name!r} was fetched {lease.attempt_count} times without "
+                    f"completing: {why}",
                 )
             )
         if definition is None:
@@ -596,7 +622,10 @@ class Runtime:
         except Exception as exc:
             return failure(error_details(exc))
         return h.ActivityResult(
-            instance_id=ref.instance_id, execution_id=ref.execution_id, source_id=ref.activity_id, result=result
+            instance_id=ref.instance_id,
+            execution_id=ref.execution_id,
+            source_id=ref.activity_id,
+            result=result,
         )
 
     async def _renewal_loop(self) -> None:
@@ -620,7 +649,10 @@ class Runtime:
 
 def _parent_error(parent: h.ParentRef, details: h.ErrorDetails) -> h.Message:
     return h.SubOrchestrationError(
-        instance_id=parent.instance_id, execution_id=parent.execution_id, source_id=parent.source_id, error=details
+        instance_id=parent.instance_id,
+        execution_id=parent.execution_id,
+        source_id=parent.source_id,
+        error=details,
     )
 
 
