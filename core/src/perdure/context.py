@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from perdure.client import Client
 
 _log = logging.getLogger("perdure.orchestration")
+_FLAG_LOCK = threading.Lock()
 
 
 class ReplaySafeLogger(logging.LoggerAdapter[logging.Logger]):
@@ -318,25 +319,42 @@ class ActivityContext:
         self.attempt = attempt
         self.client = client
         self._loop = loop
-        self._flag = threading.Event()
-        self._event = asyncio.Event()
+        self._cancelled = False
+        # Created on first wait: most activities never wait for cancellation.
+        self._flag: threading.Event | None = None
+        self._event: asyncio.Event | None = None
 
     def is_cancelled(self) -> bool:
         """True once the activity should stop (safe to call from a worker thread)."""
-        return self._flag.is_set()
+        return self._cancelled
 
     async def wait_cancelled(self) -> None:
         """Return when the activity is cancelled (for async activities)."""
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._cancelled:
+                self._event.set()
         await self._event.wait()
 
     def wait_cancelled_sync(self, timeout: float | None = None) -> bool:
         """Block up to ``timeout`` seconds for cancellation (for sync activities); True if cancelled."""
+        with _FLAG_LOCK:
+            if self._flag is None:
+                self._flag = threading.Event()
+                if self._cancelled:
+                    self._flag.set()
         return self._flag.wait(timeout)
 
     def _cancel(self) -> None:
-        if not self._flag.is_set():
-            self._flag.set()
-            self._loop.call_soon_threadsafe(self._event.set)
+        """Signal cancellation (called on the runtime's loop)."""
+        if self._cancelled:
+            return
+        with _FLAG_LOCK:
+            self._cancelled = True
+            if self._flag is not None:
+                self._flag.set()
+        if self._event is not None:
+            self._event.set()
 
 
 __all__ = ["ActivityContext", "OrchestrationContext", "ReplaySafeLogger", "orchestration_body"]

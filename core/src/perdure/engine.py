@@ -529,8 +529,7 @@ class Engine:
         self._cancel_reason: str | None = None
         self._turn = TurnResult()
         self._guid_counter = 0
-        seed = hashlib.sha256(f"{instance_id}\x00{execution_id}".encode()).digest()
-        self.rng = _random.Random(int.from_bytes(seed[:8], "big"))
+        self._rng: _random.Random | None = None
 
     # -- what the context calls --------------------------------------------------------------
 
@@ -597,6 +596,14 @@ class Engine:
     def any(self, awaitables: Sequence[Any]) -> DurableFuture[tuple[int, Any]]:
         """Select: resolves with ``(index, result)`` of the first to finish in history order."""
         return _AnyFuture([self.as_future(a) for a in awaitables])
+
+    @property
+    def rng(self) -> _random.Random:
+        """A generator seeded by instance and execution, created on first use."""
+        if self._rng is None:
+            seed = hashlib.sha256(f"{self.instance_id}\x00{self.execution_id}".encode()).digest()
+            self._rng = _random.Random(int.from_bytes(seed[:8], "big"))
+        return self._rng
 
     def new_guid(self) -> uuid.UUID:
         """A UUID that is the same on every replay of this step."""

@@ -264,9 +264,14 @@ class Runtime:
             if not items:
                 await self.provider.wait_for_work("orchestrator", options.poll_interval)
                 continue
-            acks = [
-                ack for ack in await asyncio.gather(*(self._turn(item) for item in items)) if ack is not None
-            ]
+            # Turns on cached or new instances never wait on I/O: run them in line. Only cache
+            # misses read history, and those reads run concurrently.
+            cold = [item for item in items if self._needs_history(item)]
+            cold_ids = {id(item) for item in cold}
+            hot = [await self._turn(item) for item in items if id(item) not in cold_ids]
+            if cold:
+                hot.extend(await asyncio.gather(*(self._turn(item) for item in cold)))
+            acks = [ack for ack in hot if ack is not None]
             if acks:
                 await self._commit_turns(acks)
             if len(items) < options.orchestration_batch:
@@ -314,6 +319,15 @@ class Runtime:
             await self.provider.abandon_orchestration_item(lock_token, delay=delay)
         except ProviderError as exc:
             _log.debug("abandon failed (the lock will expire instead): %s", exc)
+
+    def _needs_history(self, item: OrchestrationItem) -> bool:
+        instance = item.instance
+        return (
+            instance is not None
+            and instance.status == "running"
+            and instance.last_event_id > 0
+            and self._cache.get(item.instance_id, instance.execution_id, instance.last_event_id) is None
+        )
 
     async def _turn(self, item: OrchestrationItem) -> OrchestrationAck | None:
         """Run one turn for a locked instance; return its ack, or None if it was abandoned."""
