@@ -15,6 +15,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+import pydantic
 import pytest
 
 from perdure import (
@@ -61,6 +62,16 @@ async def runtime_factory(provider: Provider, cache_size: int) -> AsyncIterator[
     yield make
     for runtime in started:
         await runtime.shutdown(timeout=2)
+
+
+class Item(pydantic.BaseModel):
+    sku: str
+    price: float
+
+
+class Quote(pydantic.BaseModel):
+    total: float
+    items: list[Item]
 
 
 class Size(Enum):
@@ -718,3 +729,25 @@ async def test_results_identical_with_and_without_cache(provider: Provider) -> N
             outputs.append([dataclasses.replace(e, timestamp_ms=0).TYPE for e in history])
     assert outputs[1] == outputs[3]
     assert outputs[0][1:3] == outputs[2][1:3]
+
+
+async def test_pydantic_models_as_inputs_and_results(runtime_factory: Any) -> None:
+    app = Registry()
+
+    @app.activity
+    def quote(ctx: ActivityContext, items: list[Item]) -> Quote:
+        assert all(isinstance(i, Item) for i in items)
+        return Quote(total=sum(i.price for i in items), items=items)
+
+    @app.orchestration
+    async def pricing(ctx: OrchestrationContext, items: list[Item]) -> Quote:
+        result = await ctx.call_activity(quote, items)
+        assert isinstance(result, Quote)
+        return result
+
+    runtime = await runtime_factory(app)
+    instance = await runtime.client.start_orchestration(
+        pricing, [Item(sku="a", price=1.5), Item(sku="b", price=2)]
+    )
+    status = await runtime.client.wait_for_orchestration(instance, timeout=10)
+    assert status.result(Quote) == Quote(total=3.5, items=[Item(sku="a", price=1.5), Item(sku="b", price=2)])
