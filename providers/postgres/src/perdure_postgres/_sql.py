@@ -1,8 +1,9 @@
 """Every SQL statement of the provider, rendered once per schema.
 
-Statements are parameterised (``%(name)s`` placeholders, explicit casts so a generic prepared
-plan knows every type); the schema is a quoted identifier. Each provider call is one statement
-(one round trip) except batched acks, which pipeline several statements in one transaction.
+Statements are parameterised with binary placeholders (``%(name)b``: arrays of JSON text need no
+escaping) and explicit casts (a generic prepared plan knows every type); the schema is a quoted
+identifier. Every provider call is one statement, so one round trip and one implicit transaction;
+a batch of acks is one statement too.
 
 ``NOW`` is the database clock in milliseconds. ``statement_timestamp()`` is stable within a
 statement, so a predicate using it can use an index and every row of a statement sees one "now".
@@ -25,12 +26,12 @@ WITH scan AS MATERIALIZED (
         SELECT q.instance_id, q.visible_at_ms, q.id
         FROM {s}.orchestrator_queue q
         WHERE q.visible_at_ms <= {now}
-          AND q.instance_id <> ALL (%(exclude)s::text[])
+          AND q.instance_id <> ALL (%(exclude)b::text[])
           AND NOT EXISTS (
               SELECT 1 FROM {s}.instance_locks l
               WHERE l.instance_id = q.instance_id AND l.locked_until_ms > {now})
         ORDER BY q.visible_at_ms, q.id
-        LIMIT %(scan)s::bigint
+        LIMIT %(scan)b::bigint
     ) q
 ),
 cand AS MATERIALIZED (
@@ -38,12 +39,12 @@ cand AS MATERIALIZED (
 ),
 won AS MATERIALIZED (
     SELECT c.instance_id, c.rn FROM cand c
-    WHERE pg_try_advisory_xact_lock(%(ns)s::int4, hashtext(c.instance_id))
-    LIMIT %(limit)s::bigint
+    WHERE pg_try_advisory_xact_lock(%(ns)b::int4, hashtext(c.instance_id))
+    LIMIT %(limit)b::bigint
 ),
 locks AS (
     INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
-    SELECT w.instance_id, gen_random_uuid()::text, {now} + %(lease_ms)s::bigint
+    SELECT w.instance_id, gen_random_uuid()::text, {now} + %(lease_ms)b::bigint
     FROM won w ORDER BY w.instance_id
     ON CONFLICT (instance_id) DO UPDATE
         SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
@@ -54,7 +55,9 @@ tagged AS (
     UPDATE {s}.orchestrator_queue q
     SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
     FROM locks k
-    WHERE q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
+    -- The ANY() makes the instance index the obvious path, whatever the CTE's row estimate.
+    WHERE q.instance_id = ANY ((SELECT array_agg(k2.instance_id) FROM locks k2)::text[])
+      AND q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
     RETURNING q.instance_id, q.id, q.attempt_count, q.data
 ),
 items AS (
@@ -67,12 +70,12 @@ items AS (
     LEFT JOIN tagged t ON t.instance_id = k.instance_id
     GROUP BY k.instance_id, k.lock_token, w.rn
 )
-SELECT c.scanned, c.candidates,
+SELECT c.scanned, c.tried,
        it.instance_id, it.lock_token, it.attempt_count, it.ids, it.datas,
        e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
        i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
 FROM (SELECT (SELECT count(*) FROM scan) AS scanned,
-             (SELECT array_agg(instance_id) FROM cand) AS candidates) c
+             (SELECT array_agg(instance_id) FROM won) AS tried) c
 LEFT JOIN items it ON true
 LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
 LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
@@ -80,15 +83,15 @@ ORDER BY it.rn
 """
 
 _RELEASE_EMPTY_LOCKS = """
-DELETE FROM {s}.instance_locks WHERE lock_token = ANY (%(tokens)s::text[])
+DELETE FROM {s}.instance_locks WHERE lock_token = ANY (%(tokens)b::text[])
 """
 
 _ACK_ORCHESTRATION = """
 WITH a AS MATERIALIZED (
     SELECT * FROM unnest(
-        %(idx)s::int[], %(instance_id)s::text[], %(token)s::text[], %(execution_id)s::bigint[],
-        %(parent)s::text[], %(cs_changed)s::bool[], %(cs)s::text[], %(name)s::text[], %(version)s::text[],
-        %(status)s::text[], %(output)s::text[], %(last_event_id)s::bigint[]
+        %(idx)b::int[], %(instance_id)b::text[], %(token)b::text[], %(execution_id)b::bigint[],
+        %(parent)b::text[], %(cs_changed)b::bool[], %(cs)b::text[], %(name)b::text[], %(version)b::text[],
+        %(status)b::text[], %(output)b::text[], %(last_event_id)b::bigint[]
     ) AS a(idx, instance_id, token, execution_id, parent, cs_changed, cs, name, version, status, output,
            last_event_id)
     ORDER BY a.instance_id
@@ -97,7 +100,8 @@ WITH a AS MATERIALIZED (
 -- whose lock is not held changes nothing. The deleted row stays locked until commit.
 lk AS (
     DELETE FROM {s}.instance_locks l USING a
-    WHERE l.instance_id = a.instance_id AND l.lock_token = a.token AND l.locked_until_ms > {now}
+    WHERE l.instance_id = ANY (%(instance_id)b::text[])
+      AND l.instance_id = a.instance_id AND l.lock_token = a.token AND l.locked_until_ms > {now}
     RETURNING a.*
 ),
 inst AS (
@@ -140,21 +144,21 @@ ex_upd AS (
 hist AS (
     INSERT INTO {s}.history (instance_id, execution_id, event_id, data, created_at_ms)
     SELECT lk.instance_id, lk.execution_id, h.event_id, h.data, {now}
-    FROM unnest(%(h_idx)s::int[], %(h_event_id)s::bigint[], %(h_data)s::text[]) AS h(idx, event_id, data)
+    FROM unnest(%(h_idx)b::int[], %(h_event_id)b::bigint[], %(h_data)b::text[]) AS h(idx, event_id, data)
     JOIN lk ON lk.idx = h.idx
     RETURNING 1
 ),
 cancel AS MATERIALIZED (
     SELECT c.instance_id, c.execution_id, c.activity_id
-    FROM unnest(%(c_idx)s::int[], %(c_inst)s::text[], %(c_exec)s::bigint[], %(c_act)s::bigint[])
+    FROM unnest(%(c_idx)b::int[], %(c_inst)b::text[], %(c_exec)b::bigint[], %(c_act)b::bigint[])
         AS c(idx, instance_id, execution_id, activity_id)
     JOIN lk ON lk.idx = c.idx
 ),
 wq AS (
     INSERT INTO {s}.worker_queue (instance_id, execution_id, activity_id, data, visible_at_ms, enqueued_at_ms)
     SELECT w.instance_id, w.execution_id, w.activity_id, w.data, {now}, {now}
-    FROM unnest(%(w_idx)s::int[], %(w_inst)s::text[], %(w_exec)s::bigint[], %(w_act)s::bigint[],
-                %(w_data)s::text[]) AS w(idx, instance_id, execution_id, activity_id, data)
+    FROM unnest(%(w_idx)b::int[], %(w_inst)b::text[], %(w_exec)b::bigint[], %(w_act)b::bigint[],
+                %(w_data)b::text[]) AS w(idx, instance_id, execution_id, activity_id, data)
     JOIN lk ON lk.idx = w.idx
     -- Scheduled and cancelled in the same ack: the net effect of insert-then-delete is nothing.
     WHERE NOT EXISTS (
@@ -166,7 +170,7 @@ wq AS (
 oq AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
     SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
-    FROM unnest(%(o_idx)s::int[], %(o_inst)s::text[], %(o_data)s::text[], %(o_vis)s::bigint[])
+    FROM unnest(%(o_idx)b::int[], %(o_inst)b::text[], %(o_data)b::text[], %(o_vis)b::bigint[])
         AS o(idx, instance_id, data, visible_at_ms)
     JOIN lk ON lk.idx = o.idx
     RETURNING 1
@@ -183,42 +187,42 @@ dq AS (
 ),
 n AS (
     SELECT pg_notify(n.channel, n.payload)
-    FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+    FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
     WHERE EXISTS (SELECT 1 FROM lk)
 )
 SELECT (SELECT array_agg(idx) FROM lk), (SELECT count(*) FROM n)
 """
 
 _NOTIFY = """
-SELECT pg_notify(n.channel, n.payload) FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+SELECT pg_notify(n.channel, n.payload) FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
 """
 
 _ABANDON_ORCHESTRATION = """
 WITH lk AS (
     DELETE FROM {s}.instance_locks
-    WHERE lock_token = %(token)s::text AND locked_until_ms > {now}
+    WHERE lock_token = %(token)b::text AND locked_until_ms > {now}
     RETURNING instance_id
 ),
 upd AS (
     UPDATE {s}.orchestrator_queue q
     SET lock_token = NULL,
-        visible_at_ms = CASE WHEN %(delay_ms)s::bigint > 0 THEN {now} + %(delay_ms)s::bigint
+        visible_at_ms = CASE WHEN %(delay_ms)b::bigint > 0 THEN {now} + %(delay_ms)b::bigint
                              ELSE q.visible_at_ms END,
-        attempt_count = CASE WHEN %(ignore_attempt)s::bool THEN greatest(q.attempt_count - 1, 0)
+        attempt_count = CASE WHEN %(ignore_attempt)b::bool THEN greatest(q.attempt_count - 1, 0)
                              ELSE q.attempt_count END
     FROM lk
-    WHERE q.instance_id = lk.instance_id AND q.lock_token = %(token)s::text
+    WHERE q.instance_id = lk.instance_id AND q.lock_token = %(token)b::text
     RETURNING 1
 )
 SELECT count(*),
-       CASE WHEN count(*) > 0 AND %(payload)s::text IS NOT NULL
-            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+       CASE WHEN count(*) > 0 AND %(payload)b::text IS NOT NULL
+            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
 FROM lk
 """
 
 _RENEW_ORCHESTRATION = """
-UPDATE {s}.instance_locks SET locked_until_ms = {now} + %(lease_ms)s::bigint
-WHERE lock_token = %(token)s::text AND locked_until_ms > {now}
+UPDATE {s}.instance_locks SET locked_until_ms = {now} + %(lease_ms)b::bigint
+WHERE lock_token = %(token)b::text AND locked_until_ms > {now}
 RETURNING 1
 """
 
@@ -227,12 +231,12 @@ WITH picked AS (
     SELECT id FROM {s}.worker_queue
     WHERE visible_at_ms <= {now} AND (lock_token IS NULL OR locked_until_ms <= {now})
     ORDER BY id
-    LIMIT %(limit)s::bigint
+    LIMIT %(limit)b::bigint
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {s}.worker_queue w
 SET lock_token = w.id::text || ':' || gen_random_uuid()::text,
-    locked_until_ms = {now} + %(lease_ms)s::bigint,
+    locked_until_ms = {now} + %(lease_ms)b::bigint,
     attempt_count = w.attempt_count + 1
 FROM picked
 WHERE w.id = picked.id
@@ -241,8 +245,8 @@ RETURNING w.id, w.lock_token, w.attempt_count, w.instance_id, w.execution_id, w.
 
 _ACK_WORK = """
 WITH a AS MATERIALIZED (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(tokens)s::text[], %(insts)s::text[], %(datas)s::text[],
-                         %(vis)s::bigint[]) AS a(id, token, instance_id, data, visible_at_ms)
+    SELECT * FROM unnest(%(ids)b::bigint[], %(tokens)b::text[], %(insts)b::text[], %(datas)b::text[],
+                         %(vis)b::bigint[]) AS a(id, token, instance_id, data, visible_at_ms)
 ),
 d AS (
     DELETE FROM {s}.worker_queue w USING a
@@ -257,8 +261,8 @@ ins AS (
     RETURNING 1
 )
 SELECT (SELECT array_agg(id) FROM d),
-       CASE WHEN EXISTS (SELECT 1 FROM ins) AND %(payload)s::text IS NOT NULL
-            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+       CASE WHEN EXISTS (SELECT 1 FROM ins) AND %(payload)b::text IS NOT NULL
+            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
 """
 
 _ABANDON_WORK = """
@@ -266,21 +270,21 @@ WITH u AS (
     UPDATE {s}.worker_queue
     SET lock_token = NULL,
         locked_until_ms = NULL,
-        visible_at_ms = CASE WHEN %(delay_ms)s::bigint > 0 THEN {now} + %(delay_ms)s::bigint ELSE visible_at_ms END,
-        attempt_count = CASE WHEN %(ignore_attempt)s::bool THEN greatest(attempt_count - 1, 0)
+        visible_at_ms = CASE WHEN %(delay_ms)b::bigint > 0 THEN {now} + %(delay_ms)b::bigint ELSE visible_at_ms END,
+        attempt_count = CASE WHEN %(ignore_attempt)b::bool THEN greatest(attempt_count - 1, 0)
                              ELSE attempt_count END
-    WHERE id = %(id)s::bigint AND lock_token = %(token)s::text AND locked_until_ms > {now}
+    WHERE id = %(id)b::bigint AND lock_token = %(token)b::text AND locked_until_ms > {now}
     RETURNING 1
 )
 SELECT count(*),
-       CASE WHEN count(*) > 0 AND %(payload)s::text IS NOT NULL
-            THEN pg_notify(%(channel)s::text, %(payload)s::text) END
+       CASE WHEN count(*) > 0 AND %(payload)b::text IS NOT NULL
+            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
 FROM u
 """
 
 _RENEW_WORK = """
-UPDATE {s}.worker_queue w SET locked_until_ms = {now} + %(lease_ms)s::bigint
-FROM unnest(%(ids)s::bigint[], %(tokens)s::text[]) AS a(id, token)
+UPDATE {s}.worker_queue w SET locked_until_ms = {now} + %(lease_ms)b::bigint
+FROM unnest(%(ids)b::bigint[], %(tokens)b::text[]) AS a(id, token)
 WHERE w.id = a.id AND w.lock_token = a.token AND w.locked_until_ms > {now}
 RETURNING w.lock_token
 """
@@ -289,19 +293,19 @@ _ENQUEUE_ORCHESTRATOR = """
 WITH ins AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
     SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
-    FROM unnest(%(insts)s::text[], %(datas)s::text[], %(vis)s::bigint[]) AS o(instance_id, data, visible_at_ms)
+    FROM unnest(%(insts)b::text[], %(datas)b::text[], %(vis)b::bigint[]) AS o(instance_id, data, visible_at_ms)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins), pg_notify(n.channel, n.payload)
-FROM unnest(%(channels)s::text[], %(payloads)s::text[]) AS n(channel, payload)
+FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
 """
 
 _READ_HISTORY = """
 SELECT h.event_id, h.data FROM {s}.history h
-WHERE h.instance_id = %(instance_id)s::text
+WHERE h.instance_id = %(instance_id)b::text
   AND h.execution_id = coalesce(
-      %(execution_id)s::bigint,
-      (SELECT i.current_execution_id FROM {s}.instances i WHERE i.instance_id = %(instance_id)s::text))
+      %(execution_id)b::bigint,
+      (SELECT i.current_execution_id FROM {s}.instances i WHERE i.instance_id = %(instance_id)b::text))
 ORDER BY h.event_id
 """
 
@@ -310,12 +314,12 @@ SELECT i.instance_id, e.name, e.version, i.current_execution_id, e.status, e.out
        i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
 FROM {s}.instances i
 LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
-WHERE i.instance_id = %(instance_id)s::text
+WHERE i.instance_id = %(instance_id)b::text
 """
 
 _GET_CUSTOM_STATUS = """
 SELECT custom_status, custom_status_version FROM {s}.instances
-WHERE instance_id = %(instance_id)s::text AND custom_status_version > %(version)s::bigint
+WHERE instance_id = %(instance_id)b::text AND custom_status_version > %(version)b::bigint
 """
 
 

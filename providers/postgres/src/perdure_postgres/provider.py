@@ -82,6 +82,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.types.numeric import Int8BinaryDumper, Int8Dumper
 from psycopg_pool import AsyncConnectionPool
 
 from perdure.history import (
@@ -145,6 +146,14 @@ def _delay_ms(seconds: float) -> int:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+async def _execute(conn: Conn, query: bytes, params: dict[str, Any]) -> psycopg.AsyncCursor[Any]:
+    """Run one provider statement with binary parameters and results.
+
+    Binary arrays of text need no escaping on either side, which matters for batches of JSON.
+    """
+    return await conn.cursor(binary=True).execute(query, params)
 
 
 class PostgresProvider(Provider):
@@ -307,6 +316,10 @@ class PostgresProvider(Provider):
         return SchemaState(current=row[0] if row else None, head=head_revision())
 
     async def _configure_connection(self, conn: Conn) -> None:
+        # Every Python int travels as int8: one prepared statement (and plan) per query, not
+        # one per combination of int2/int4/int8 chosen from the values.
+        conn.adapters.register_dumper(int, Int8Dumper)
+        conn.adapters.register_dumper(int, Int8BinaryDumper)
         if self.statement_timeout is not None:
             ms = max(0, round(self.statement_timeout * 1000))
             await conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(ms)))
@@ -443,15 +456,16 @@ class PostgresProvider(Provider):
             exclude: list[str] = []
             for _ in range(FETCH_PASSES):
                 params = {"exclude": exclude, "scan": scan, "ns": self._advisory_ns, "limit": limit, "lease_ms": lease_ms}
-                rows = await (await conn.execute(self._sql.fetch_orchestration, params)).fetchall()
+                rows = await (await _execute(conn, self._sql.fetch_orchestration, params)).fetchall()
                 items, empty_tokens = self._build_items(rows)
                 if empty_tokens:
-                    await conn.execute(self._sql.release_empty_locks, {"tokens": empty_tokens})
-                scanned, candidates = rows[0][0], rows[0][1] or []
+                    await _execute(conn, self._sql.release_empty_locks, {"tokens": empty_tokens})
+                scanned, tried = rows[0][0], rows[0][1] or []
                 if items or scanned == 0:
                     return items
-                # Candidates existed but other fetchers won all of them: look past them.
-                exclude.extend(candidates)
+                # Visible work existed but we won none of it: the instances we tried were locked
+                # by fetchers that committed after our snapshot. Look again, past those.
+                exclude.extend(tried)
             return []
 
         return await self._run("fetch_orchestration_items", body)
@@ -581,7 +595,7 @@ class PostgresProvider(Provider):
             worker=worker, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None)
         )
         row = await (
-            await conn.execute(self._sql.ack_orchestration, {**params, **self._notify_lists(payloads, changed)})
+            await _execute(conn, self._sql.ack_orchestration, {**params, **self._notify_lists(payloads, changed)})
         ).fetchone()
         done = set(row[0] or ()) if row else set()
         errors: list[ProviderError | None] = [
@@ -609,7 +623,7 @@ class PostgresProvider(Provider):
         }
 
         async def body(conn: Conn) -> int:
-            row = await (await conn.execute(self._sql.abandon_orchestration, params)).fetchone()
+            row = await (await _execute(conn, self._sql.abandon_orchestration, params)).fetchone()
             return int(row[0]) if row else 0
 
         if await self._run("abandon_orchestration_item", body) == 0:
@@ -624,7 +638,7 @@ class PostgresProvider(Provider):
         params = {"token": lock_token, "lease_ms": _lease_ms(lock_timeout)}
 
         async def body(conn: Conn) -> bool:
-            return (await (await conn.execute(self._sql.renew_orchestration, params)).fetchone()) is not None
+            return (await (await _execute(conn, self._sql.renew_orchestration, params)).fetchone()) is not None
 
         if not await self._run("renew_orchestration_lock", body):
             raise ProviderError.lock_lost("renew_orchestration_lock", lock_token)
@@ -638,7 +652,7 @@ class PostgresProvider(Provider):
         params = {"limit": limit, "lease_ms": _lease_ms(lock_timeout)}
 
         async def body(conn: Conn) -> list[tuple[Any, ...]]:
-            return await (await conn.execute(self._sql.fetch_work, params)).fetchall()
+            return await (await _execute(conn, self._sql.fetch_work, params)).fetchall()
 
         rows = await self._run("fetch_work_items", body)
         rows.sort(key=lambda r: r[0])
@@ -714,7 +728,7 @@ class PostgresProvider(Provider):
         }
 
         async def body(conn: Conn) -> list[int]:
-            row = await (await conn.execute(self._sql.ack_work, params)).fetchone()
+            row = await (await _execute(conn, self._sql.ack_work, params)).fetchone()
             return list(row[0] or []) if row else []
 
         try:
@@ -746,7 +760,7 @@ class PostgresProvider(Provider):
         }
 
         async def body(conn: Conn) -> int:
-            row = await (await conn.execute(self._sql.abandon_work, params)).fetchone()
+            row = await (await _execute(conn, self._sql.abandon_work, params)).fetchone()
             return int(row[0]) if row else 0
 
         if await self._run("abandon_work_item", body) == 0:
@@ -771,7 +785,7 @@ class PostgresProvider(Provider):
         params = {"ids": ids, "tokens": tokens, "lease_ms": lease_ms}
 
         async def body(conn: Conn) -> set[str]:
-            rows = await (await conn.execute(self._sql.renew_work, params)).fetchall()
+            rows = await (await _execute(conn, self._sql.renew_work, params)).fetchall()
             return {r[0] for r in rows}
 
         renewed = await self._run("renew_work_item_locks", body)
@@ -798,7 +812,7 @@ class PostgresProvider(Provider):
         }
 
         async def body(conn: Conn) -> None:
-            await conn.execute(self._sql.enqueue_orchestrator, params)
+            await _execute(conn, self._sql.enqueue_orchestrator, params)
 
         await self._run("enqueue_orchestrator_messages", body)
         self._signal_local(worker=False, orchestrator_now=now, timers=future)
@@ -808,7 +822,7 @@ class PostgresProvider(Provider):
         params = {"instance_id": instance_id, "execution_id": execution_id}
 
         async def body(conn: Conn) -> list[tuple[Any, ...]]:
-            return await (await conn.execute(self._sql.read_history, params)).fetchall()
+            return await (await _execute(conn, self._sql.read_history, params)).fetchall()
 
         rows = await self._run("read_history", body, idempotent=True)
         events: list[Event] = []
@@ -825,7 +839,7 @@ class PostgresProvider(Provider):
         """The stored state of the instance and its current execution, or None."""
 
         async def body(conn: Conn) -> tuple[Any, ...] | None:
-            return await (await conn.execute(self._sql.get_instance, {"instance_id": instance_id})).fetchone()
+            return await (await _execute(conn, self._sql.get_instance, {"instance_id": instance_id})).fetchone()
 
         row = await self._run("get_instance", body, idempotent=True)
         if row is None:
@@ -851,7 +865,7 @@ class PostgresProvider(Provider):
         params = {"instance_id": instance_id, "version": last_seen_version}
 
         async def body(conn: Conn) -> tuple[Any, ...] | None:
-            return await (await conn.execute(self._sql.get_custom_status, params)).fetchone()
+            return await (await _execute(conn, self._sql.get_custom_status, params)).fetchone()
 
         row = await self._run("get_custom_status", body, idempotent=True)
         return None if row is None else (row[0], int(row[1]))
