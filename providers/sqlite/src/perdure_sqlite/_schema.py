@@ -30,6 +30,10 @@ Durability = Literal["full", "fast"]
 
 MEMORY = ":memory:"
 
+#: The writer checkpoints by itself only past this many WAL pages (normally never: see
+#: ``_thread.Checkpointer``).
+WAL_AUTOCHECKPOINT_PAGES = 16384
+
 #: alembic keeps the running migration in module globals (``alembic.context``): one at a time
 #: per process. Other processes are serialised by the write lock the migration holds.
 _ALEMBIC_LOCK = threading.Lock()
@@ -93,6 +97,11 @@ def connect(
         # NORMAL: fsync only at checkpoints; survives process crashes, may lose the last commits
         # on power loss or an OS crash.
         execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+        if path != MEMORY:
+            # A background connection checkpoints (see _thread.Checkpointer); this is only the
+            # safety limit at which the writer checkpoints by itself (16k pages, 64 MiB).
+            execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+            execute("PRAGMA journal_size_limit=67108864")  # truncate a WAL left above 64 MiB
         execute("PRAGMA temp_store=MEMORY")
         execute("PRAGMA cache_size=-32768")  # 32 MiB of page cache
         execute("PRAGMA foreign_keys=OFF")

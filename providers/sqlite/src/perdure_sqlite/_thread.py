@@ -8,6 +8,10 @@ future. The thread takes every job queued at that moment and runs:
   ``SAVEPOINT``: a unit that raises rolls back only itself and reports its error, the others
   commit together with a single fsync (group commit).
 
+WAL checkpoints (copying committed pages into the database file, with an fsync of that file)
+run on a second connection in a background :class:`Checkpointer` thread, so that a commit only
+ever pays for appending to the WAL and its own fsync.
+
 A busy database (another process holds the write lock) is retried with backoff for
 ``busy_retry_limit`` seconds before the batch fails with a retryable error. Units append *effects*
 (wake-ups) to a list; the effects of units that committed are handed to ``on_commit`` after the
@@ -66,6 +70,57 @@ def _resolve(answers: list[tuple[asyncio.Future[list[Any]], list[Any]]]) -> None
             future.set_result(outcome)
 
 
+class Checkpointer:
+    """Checkpoints the WAL from its own connection and thread, at most every ``interval`` seconds.
+
+    The writer's connection has ``wal_autocheckpoint`` raised to a large safety limit, so in
+    normal operation it never checkpoints (which would stall the commit that crosses the limit
+    while the database file is written and fsynced). ``poke`` after each commit asks for a
+    PASSIVE checkpoint: it never blocks the writer or readers, and lets the WAL be reset once it
+    has been copied entirely.
+    """
+
+    def __init__(
+        self, *, name: str, connect: Callable[[], sqlite3.Connection], interval: float = 0.1
+    ) -> None:
+        self._connect = connect
+        self._interval = interval
+        self._wanted = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def start(self) -> None:
+        """Start checkpointing in the background."""
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Ask for a checkpoint soon (new frames were committed)."""
+        self._wanted.set()
+
+    def stop(self) -> None:
+        """Stop and wait for the thread (after at most one last checkpoint)."""
+        self._stopping = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _main(self) -> None:
+        try:
+            connection = self._connect()
+        except sqlite3.Error:  # the writer checkpoints by itself past its safety limit
+            return
+        try:
+            while True:
+                self._wanted.wait()
+                if self._stopping:
+                    return
+                self._wanted.clear()
+                with contextlib.suppress(sqlite3.Error):  # busy or I/O trouble: try again later
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                time.sleep(self._interval)
+        finally:
+            connection.close()
+
+
 class ConnectionThread:
     """Owns one ``sqlite3.Connection`` on a dedicated thread and runs submitted jobs on it."""
 
@@ -76,8 +131,10 @@ class ConnectionThread:
         connect: Callable[[], sqlite3.Connection],
         on_commit: Callable[[Effects], None],
         busy_retry_limit: float,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self._connect = connect
+        self._checkpointer = checkpointer
         self._on_commit = on_commit
         self._busy_retry_limit = busy_retry_limit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -123,11 +180,15 @@ class ConnectionThread:
             self.ready.set_exception(exc)
             self.stopped.set_result(None)
             return
+        if self._checkpointer is not None:
+            self._checkpointer.start()
         self.ready.set_result(None)
         try:
             self._serve(connection)
         finally:
             try:
+                if self._checkpointer is not None:
+                    self._checkpointer.stop()
                 connection.close()
             finally:
                 self.stopped.set_result(None)
@@ -266,6 +327,8 @@ class ConnectionThread:
             execute("COMMIT")
             self.transactions += 1
             self.write_jobs += len(jobs)
+            if self._checkpointer is not None:
+                self._checkpointer.poke()
         except Exception as exc:
             if connection.in_transaction:
                 with contextlib.suppress(sqlite3.Error):

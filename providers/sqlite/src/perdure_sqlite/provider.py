@@ -45,7 +45,7 @@ from perdure_sqlite import _store
 from perdure_sqlite._errors import as_provider_error, closed_error
 from perdure_sqlite._schema import MEMORY, Durability, check_schema, connect, upgrade
 from perdure_sqlite._signals import InstanceWatch, WorkSignal
-from perdure_sqlite._thread import ConnectionThread, Effects, Job, Unit
+from perdure_sqlite._thread import Checkpointer, ConnectionThread, Effects, Job, Unit
 
 #: What perdure-sqlite promises to store per payload (input, result, event data). SQLite itself
 #: accepts values up to SQLITE_MAX_LENGTH (1 GB by default); 16 MiB is the size we test and that
@@ -145,11 +145,16 @@ class SqliteProvider(Provider):
             raise closed_error("open")
         db = self._db
         if db is None:
+            name = f"perdure-sqlite:{os.path.basename(self._path)}"
+            checkpointer = None
+            if self._path != MEMORY:
+                checkpointer = Checkpointer(name=f"{name}:checkpoint", connect=self._connect_checkpointer)
             db = self._db = ConnectionThread(
-                name=f"perdure-sqlite:{os.path.basename(self._path)}",
+                name=name,
                 connect=self._connect,
                 on_commit=self._on_commit,
                 busy_retry_limit=self._busy_retry_limit,
+                checkpointer=checkpointer,
             )
             db.start()
             weakref.finalize(self, db.stop)
@@ -186,6 +191,10 @@ class SqliteProvider(Provider):
             connection.close()
             raise
         return connection
+
+    def _connect_checkpointer(self) -> sqlite3.Connection:
+        """Open the checkpointer's connection (same durability, so checkpoints fsync alike)."""
+        return connect(self._path, durability=self._durability, busy_timeout=self._busy_timeout)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -501,7 +510,7 @@ class SqliteProvider(Provider):
 
     # -- wake-ups ----------------------------------------------------------------------------
 
-    async def wait_for_work(self, queue: Queue, timeout: float) -> None:  # noqa: ASYNC109 - the contract
+    async def wait_for_work(self, queue: Queue, timeout: float) -> None:
         """Return as soon as this provider object produced work for ``queue`` (or it came due)."""
         if self._closed:
             raise closed_error("wait_for_work")
@@ -512,7 +521,7 @@ class SqliteProvider(Provider):
         else:
             raise ProviderError("wait_for_work", f"unknown queue {queue!r}", retryable=False)
 
-    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:  # noqa: ASYNC109
+    async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
         """Return when an ack through this provider object touched the instance, or after ``timeout``."""
         if self._closed:
             raise closed_error("wait_for_instance_change")
