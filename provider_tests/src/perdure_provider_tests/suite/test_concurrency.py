@@ -78,6 +78,7 @@ async def test_racing_processors_handle_each_unit_once(
                 await provider.wait_for_work(queue.queue, 0.05)
                 continue
             processed.update(handle.key for handle in handles)
+            await asyncio.sleep(0)  # the work of the turn: other tasks run between fetch and ack
             results = await queue.ack(provider, handles)
             assert results == [None] * len(handles), f"acks failed: {results}"
             acked += len(handles)
@@ -96,25 +97,35 @@ async def test_messages_racing_acks_are_delivered_exactly_once(
     instances = ["hot-a", "hot-b"]
     expected = [(instances[p % 2], f'"{p}-{j}"') for p in range(n) for j in range(per_producer)]
     received: list[tuple[str, str]] = []
+    produced = asyncio.Event()
 
     async def produce(p: int) -> None:
         for j in range(per_producer):
             await enqueue(provider, event_message(instances[p % 2], f'"{p}-{j}"'))
             await asyncio.sleep(0)  # let consumers interleave
 
+    async def produce_all() -> None:
+        await asyncio.gather(*(produce(p) for p in range(n)))
+        produced.set()
+
     async def consume() -> None:
-        while len(received) < len(expected):
+        # Stop at the first empty fetch after the producers are done: each consumer's last fetch
+        # follows its last ack, so nothing correct providers keep can be left behind.
+        while True:
             items = await provider.fetch_orchestration_items(1, LEASE)
             if not items:
+                if produced.is_set():
+                    return
                 await provider.wait_for_work("orchestrator", 0.05)
                 continue
             [item] = items
             received.extend((item.instance_id, getattr(m, "data", "")) for m in item.messages)
+            await asyncio.sleep(0)  # the turn: producers enqueue while the instance is locked
             [result] = await provider.ack_orchestration_items([ack_for(item)])
             assert result is None, f"ack failed: {result!r}"
 
     async with asyncio.timeout(BOUND):
-        await asyncio.gather(*(produce(p) for p in range(n)), *(consume() for _ in range(n)))
+        await asyncio.gather(produce_all(), *(consume() for _ in range(n)))
     assert sorted(received) == sorted(expected)
     for p in range(n):  # each producer's messages arrive in the order it sent them
         mine = [data for _, data in received if data.startswith(f'"{p}-')]

@@ -23,6 +23,9 @@ from perdure_provider_tests.helpers import (
     take_turn,
 )
 
+#: Long enough for a millisecond timestamp to advance between two acks.
+CLOCK_TICK = 0.02
+
 
 async def test_enqueue_does_not_create_the_instance(provider: Provider) -> None:
     """Enqueueing a StartOrchestration never creates the instance: it stays unknown until an ack."""
@@ -116,7 +119,7 @@ async def test_failed_creating_ack_creates_nothing(provider: Provider) -> None:
 async def test_created_at_is_kept_and_updated_at_advances(provider: Provider) -> None:
     """``created_at_ms`` is set by the creating ack and kept; ``updated_at_ms`` advances with each ack."""
     first = await start_instance(provider, "i")
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(CLOCK_TICK)
     await take_turn(provider, "i", history=[raised(2)])
     second = await provider.get_instance("i")
     assert second is not None
