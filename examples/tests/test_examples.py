@@ -12,8 +12,10 @@ generous, for a loaded two-core CI machine.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,8 +129,14 @@ def test_eternal(tmp_path: Path) -> None:
 def test_crash_resume_example(tmp_path: Path) -> None:
     out = run_example("crash_resume", tmp_path, timeout=360).stdout
     assert "parent: orchestration completed: [1, 4, 9, 16, 25, 36]" in out
-    assert "with SIGKILL; steps done by then: [1, 2, 3]" in out
-    assert "no finished step ran again: steps [1, 2, 3] ran exactly once" in out
+    # The parent kills the worker once step 4 has started, so steps 1-3 (at least) are done; the
+    # example itself asserts that none of them ran again (it would exit non-zero otherwise).
+    done = re.search(r"with SIGKILL; steps done by then: (\[[\d, ]*\])", out)
+    assert done is not None, out
+    steps = ast.literal_eval(done.group(1))
+    assert steps[:3] == [1, 2, 3]
+    assert len(steps) < 6
+    assert f"no finished step ran again: steps {steps} ran exactly once" in out
     assert "stopped gracefully" in out
 
 
