@@ -16,7 +16,9 @@ from alembic import context
 
 config = context.config
 connection = config.attributes.get("connection")
-schema = config.attributes.get("schema") or context.get_x_argument(as_dictionary=True).get("schema", "perdure")
+schema = config.attributes.get("schema") or context.get_x_argument(as_dictionary=True).get(
+    "schema", "perdure"
+)
 
 if context.is_offline_mode():
     context.configure(

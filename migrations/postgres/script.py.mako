@@ -22,10 +22,12 @@ def _schema() -> str:
 
 
 def upgrade() -> None:
+    """Apply this revision."""
     s = _schema()
     ${upgrades if upgrades else "pass"}
 
 
 def downgrade() -> None:
+    """Revert this revision."""
     s = _schema()
     ${downgrades if downgrades else "pass"}

@@ -36,6 +36,7 @@ def _schema() -> str:
 
 
 def upgrade() -> None:
+    """Create the tables and indexes."""
     s = _schema()
     op.execute(
         f"""
@@ -142,6 +143,14 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    """Drop every table (the schema and the version table stay)."""
     s = _schema()
-    for table in ("worker_queue", "instance_locks", "orchestrator_queue", "history", "executions", "instances"):
+    for table in (
+        "worker_queue",
+        "instance_locks",
+        "orchestrator_queue",
+        "history",
+        "executions",
+        "instances",
+    ):
         op.execute(f"DROP TABLE IF EXISTS {s}.{table}")

@@ -37,6 +37,7 @@ DEFAULT_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
 
 
 async def orchestrator_loop(p: PostgresProvider, batch: int, done: list[int], total: int) -> None:
+    """Run turns until ``total`` orchestrations completed: start -> one activity -> complete."""
     while done[0] < total:
         items = await p.fetch_orchestration_items(batch, 30)
         if not items:
@@ -54,12 +55,18 @@ async def orchestrator_loop(p: PostgresProvider, batch: int, done: list[int], to
                         execution_id=1,
                         name="bench",
                         history=[
-                            OrchestrationStarted(event_id=1, timestamp_ms=now, name="bench", version=None, input="1"),
+                            OrchestrationStarted(
+                                event_id=1, timestamp_ms=now, name="bench", version=None, input="1"
+                            ),
                             ActivityScheduled(event_id=2, timestamp_ms=now, name="noop", input="1"),
                         ],
                         worker_items=[
                             ActivityExecute(
-                                instance_id=it.instance_id, execution_id=1, activity_id=2, name="noop", input="1"
+                                instance_id=it.instance_id,
+                                execution_id=1,
+                                activity_id=2,
+                                name="noop",
+                                input="1",
                             )
                         ],
                         status="running",
@@ -89,6 +96,7 @@ async def orchestrator_loop(p: PostgresProvider, batch: int, done: list[int], to
 
 
 async def worker_loop(p: PostgresProvider, batch: int, done: list[int], total: int) -> None:
+    """Complete activities until ``total`` orchestrations completed."""
     while done[0] < total:
         leases = await p.fetch_work_items(batch, 30)
         if not leases:
@@ -98,7 +106,10 @@ async def worker_loop(p: PostgresProvider, batch: int, done: list[int], total: i
             WorkItemAck(
                 lock_token=lease.lock_token,
                 completion=ActivityResult(
-                    instance_id=lease.ref.instance_id, execution_id=lease.ref.execution_id, source_id=2, result="1"
+                    instance_id=lease.ref.instance_id,
+                    execution_id=lease.ref.execution_id,
+                    source_id=2,
+                    result="1",
                 ),
             )
             for lease in leases
@@ -109,6 +120,7 @@ async def worker_loop(p: PostgresProvider, batch: int, done: list[int], total: i
 
 
 async def main() -> None:
+    """Parse the arguments, run the cycles on a fresh schema, print the rates."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", default=os.environ.get("PERDURE_PG_URL", DEFAULT_DSN))
     parser.add_argument("--n", type=int, default=5000)
@@ -122,7 +134,10 @@ async def main() -> None:
         start = time.perf_counter()
         for i in range(0, args.n, 500):
             await provider.enqueue_orchestrator_messages(
-                [StartOrchestration(instance_id=f"o{j}", name="bench", input="1") for j in range(i, min(i + 500, args.n))]
+                [
+                    StartOrchestration(instance_id=f"o{j}", name="bench", input="1")
+                    for j in range(i, min(i + 500, args.n))
+                ]
             )
         enqueued = time.perf_counter()
         done = [0]

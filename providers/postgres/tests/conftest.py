@@ -51,7 +51,12 @@ def pg_server(request: pytest.FixtureRequest) -> NoopExecutor:
     """The running server, checked for reachability first (skip locally, fail in CI)."""
     try:
         psycopg.connect(
-            host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD or None, dbname="postgres", connect_timeout=3
+            host=PG_HOST,
+            port=PG_PORT,
+            user=PG_USER,
+            password=PG_PASSWORD or None,
+            dbname="postgres",
+            connect_timeout=3,
         ).close()
     except psycopg.Error as exc:
         _server_unreachable(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc))
@@ -73,7 +78,12 @@ def pg_dsn(pg_server: NoopExecutor) -> Iterator[str]:
     )
     janitor.drop()  # a previous run that crashed may have left it behind
     with janitor:
-        parts = [f"host={pg_server.host}", f"port={pg_server.port}", f"user={pg_server.user}", f"dbname={pg_server.dbname}"]
+        parts = [
+            f"host={pg_server.host}",
+            f"port={pg_server.port}",
+            f"user={pg_server.user}",
+            f"dbname={pg_server.dbname}",
+        ]
         if pg_server.password:
             parts.append(f"password={pg_server.password}")
         yield " ".join(parts)
@@ -94,7 +104,9 @@ def new_schema_name() -> str:
 def drop_schema(dsn: str, schema: str) -> None:
     """Drop a test schema and everything in it."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema)))
+        conn.execute(
+            psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(psycopg.sql.Identifier(schema))
+        )
 
 
 @pytest.fixture
@@ -143,7 +155,9 @@ class PostgresFactory(ProviderFactory):
 
     async def create(self) -> Provider:
         schema = new_schema_name()
-        provider = PostgresProvider(self.dsn, schema=schema, max_pool_size=4, application_name=f"perdure-{schema}")
+        provider = PostgresProvider(
+            self.dsn, schema=schema, max_pool_size=4, application_name=f"perdure-{schema}"
+        )
         await provider.open()
         return provider
 
@@ -156,7 +170,9 @@ class PostgresFactory(ProviderFactory):
         assert isinstance(provider, PostgresProvider)
         return psycopg.sql.SQL(template).format(s=psycopg.sql.Identifier(provider.schema))
 
-    async def _execute(self, provider: Provider, template: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+    async def _execute(
+        self, provider: Provider, template: str, params: dict[str, Any]
+    ) -> list[tuple[Any, ...]]:
         async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
             cursor = await conn.execute(self._sql(provider, template), params)
             return await cursor.fetchall() if cursor.description else []
@@ -171,10 +187,14 @@ class PostgresFactory(ProviderFactory):
 
     async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
         await self._execute(
-            provider, "UPDATE {s}.orchestrator_queue SET data = '{{corrupt' WHERE instance_id = %(id)s", {"id": instance_id}
+            provider,
+            "UPDATE {s}.orchestrator_queue SET data = '{{corrupt' WHERE instance_id = %(id)s",
+            {"id": instance_id},
         )
         await self._execute(
-            provider, "UPDATE {s}.worker_queue SET data = '{{corrupt' WHERE instance_id = %(id)s", {"id": instance_id}
+            provider,
+            "UPDATE {s}.worker_queue SET data = '{{corrupt' WHERE instance_id = %(id)s",
+            {"id": instance_id},
         )
 
     async def attempt_count(self, provider: Provider, instance_id: str) -> int:

@@ -193,10 +193,6 @@ n AS (
 SELECT (SELECT array_agg(idx) FROM lk), (SELECT count(*) FROM n)
 """
 
-_NOTIFY = """
-SELECT pg_notify(n.channel, n.payload) FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
-"""
-
 _ABANDON_ORCHESTRATION = """
 WITH lk AS (
     DELETE FROM {s}.instance_locks
@@ -270,7 +266,8 @@ WITH u AS (
     UPDATE {s}.worker_queue
     SET lock_token = NULL,
         locked_until_ms = NULL,
-        visible_at_ms = CASE WHEN %(delay_ms)b::bigint > 0 THEN {now} + %(delay_ms)b::bigint ELSE visible_at_ms END,
+        visible_at_ms = CASE WHEN %(delay_ms)b::bigint > 0 THEN {now} + %(delay_ms)b::bigint
+                             ELSE visible_at_ms END,
         attempt_count = CASE WHEN %(ignore_attempt)b::bool THEN greatest(attempt_count - 1, 0)
                              ELSE attempt_count END
     WHERE id = %(id)b::bigint AND lock_token = %(token)b::text AND locked_until_ms > {now}
@@ -293,7 +290,8 @@ _ENQUEUE_ORCHESTRATOR = """
 WITH ins AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
     SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
-    FROM unnest(%(insts)b::text[], %(datas)b::text[], %(vis)b::bigint[]) AS o(instance_id, data, visible_at_ms)
+    FROM unnest(%(insts)b::text[], %(datas)b::text[], %(vis)b::bigint[])
+        AS o(instance_id, data, visible_at_ms)
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM ins), pg_notify(n.channel, n.payload)
@@ -330,7 +328,6 @@ class Statements:
     fetch_orchestration: bytes
     release_empty_locks: bytes
     ack_orchestration: bytes
-    notify: bytes
     abandon_orchestration: bytes
     renew_orchestration: bytes
     fetch_work: bytes
@@ -350,14 +347,13 @@ class Statements:
         def render(template: str) -> bytes:
             # Only {s}, {now} and {terminal} are substituted; everything else is literal SQL.
             text = template.replace("{now}", NOW).replace("{terminal}", TERMINAL)
-            composed = sql.SQL(text).format(s=ident)  # type: ignore[arg-type]
+            composed = sql.SQL(text).format(s=ident)
             return composed.as_string(None).encode()
 
         return cls(
             fetch_orchestration=render(_FETCH_ORCHESTRATION),
             release_empty_locks=render(_RELEASE_EMPTY_LOCKS),
             ack_orchestration=render(_ACK_ORCHESTRATION),
-            notify=render(_NOTIFY),
             abandon_orchestration=render(_ABANDON_ORCHESTRATION),
             renew_orchestration=render(_RENEW_ORCHESTRATION),
             fetch_work=render(_FETCH_WORK),

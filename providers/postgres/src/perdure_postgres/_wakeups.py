@@ -66,7 +66,10 @@ class WakeHub:
     """In-process wake-up state shared by the listener, the provider and the waiters."""
 
     def __init__(self) -> None:
-        self._queues: dict[QueueName, _QueueSignal] = {"orchestrator": _QueueSignal(), "worker": _QueueSignal()}
+        self._queues: dict[QueueName, _QueueSignal] = {
+            "orchestrator": _QueueSignal(),
+            "worker": _QueueSignal(),
+        }
         self._timers: list[int] = []
         self._instances: dict[str, _InstanceWait] = {}
 
@@ -265,7 +268,9 @@ class Listener:
 
     async def _run(self) -> None:
         backoff = self._min_backoff
-        while not self._closing:
+        while True:
+            if self._closing:
+                break
             try:
                 conn = await psycopg.AsyncConnection.connect(
                     self._conninfo,
@@ -279,8 +284,9 @@ class Listener:
                 self.connects += 1
                 self._connected.set()
                 backoff = self._min_backoff
-                # Anything committed while we were not listening went unheard.
-                self._hub.everything()
+                if self.connects > 1:
+                    # Anything committed while we were not listening went unheard.
+                    self._hub.everything()
                 await self._pump(conn)
             except asyncio.CancelledError:
                 raise
@@ -289,8 +295,6 @@ class Listener:
                     logger.warning("perdure-postgres listener connection lost (%s); reconnecting", exc)
             finally:
                 await self._close_conn()
-            if self._closing:
-                break
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, self._max_backoff)
 
@@ -324,9 +328,7 @@ def channel_names(schema: str) -> tuple[str, str]:
     return f"{base}:w", f"{base}:i"
 
 
-def make_payloads(
-    *, worker: bool, orchestrator_now: bool, earliest_timer_ms: int | None
-) -> list[str]:
+def make_payloads(*, worker: bool, orchestrator_now: bool, earliest_timer_ms: int | None) -> list[str]:
     """The coalesced work-channel payloads for one transaction (at most one per queue)."""
     payloads: list[str] = []
     if worker:

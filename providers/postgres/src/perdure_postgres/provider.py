@@ -134,7 +134,9 @@ FETCH_PASSES = 3
 
 def _lease_ms(seconds: float) -> int:
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ProviderError("lease", f"lock_timeout must be a positive number of seconds, got {seconds!r}", retryable=False)
+        raise ProviderError(
+            "lease", f"lock_timeout must be a positive number of seconds, got {seconds!r}", retryable=False
+        )
     return max(1, round(seconds * 1000))
 
 
@@ -177,6 +179,7 @@ class PostgresProvider(Provider):
         prepare_threshold: psycopg's automatic prepared statements (``None`` disables them, for
             transaction-mode poolers without prepared-statement support).
         application_name: Reported in ``pg_stat_activity`` unless the DSN sets one.
+
     """
 
     name = "postgres"
@@ -273,7 +276,9 @@ class PostgresProvider(Provider):
             self._pool = pool
             self._hub = WakeHub()
             if self.listen:
-                listener_kwargs = {k: v for k, v in kwargs.items() if k not in ("autocommit", "connect_timeout")}
+                listener_kwargs = {
+                    k: v for k, v in kwargs.items() if k not in ("autocommit", "connect_timeout")
+                }
                 self._listener = Listener(
                     self.dsn,
                     work_channel=self._work_channel,
@@ -296,7 +301,9 @@ class PostgresProvider(Provider):
         if not self.auto_migrate:
             raise ProviderError("open", schema_error(self.schema, state), retryable=False)
         try:
-            await asyncio.to_thread(migrate, self.dsn, schema=self.schema, connect_timeout=self.connect_timeout)
+            await asyncio.to_thread(
+                migrate, self.dsn, schema=self.schema, connect_timeout=self.connect_timeout
+            )
         except ProviderError:
             raise
         except Exception as exc:
@@ -355,7 +362,9 @@ class PostgresProvider(Provider):
 
     def _require_pool(self, operation: str) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
-            raise ProviderError(operation, "the provider is not open (call await provider.open())", retryable=False)
+            raise ProviderError(
+                operation, "the provider is not open (call await provider.open())", retryable=False
+            )
         return self._pool
 
     @property
@@ -370,7 +379,9 @@ class PostgresProvider(Provider):
         """The LISTEN connection manager, if ``listen=True`` and open (for tests and diagnostics)."""
         return self._listener
 
-    async def _run(self, operation: str, body: Callable[[Conn], Awaitable[T]], *, idempotent: bool = False) -> T:
+    async def _run(
+        self, operation: str, body: Callable[[Conn], Awaitable[T]], *, idempotent: bool = False
+    ) -> T:
         """Run ``body`` on a pooled connection, mapping errors and retrying conflicts.
 
         Deadlocks and serialization failures rolled the transaction back, so the body runs again
@@ -405,7 +416,9 @@ class PostgresProvider(Provider):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(pool.check(), timeout=5.0)
 
-    def _notify_lists(self, payloads: Sequence[str], instance_ids: Sequence[str] = ()) -> dict[str, list[str]]:
+    def _notify_lists(
+        self, payloads: Sequence[str], instance_ids: Sequence[str] = ()
+    ) -> dict[str, list[str]]:
         channels: list[str] = []
         values: list[str] = []
         if self.notify:
@@ -455,7 +468,13 @@ class PostgresProvider(Provider):
         async def body(conn: Conn) -> list[OrchestrationItem]:
             exclude: list[str] = []
             for _ in range(FETCH_PASSES):
-                params = {"exclude": exclude, "scan": scan, "ns": self._advisory_ns, "limit": limit, "lease_ms": lease_ms}
+                params = {
+                    "exclude": exclude,
+                    "scan": scan,
+                    "ns": self._advisory_ns,
+                    "limit": limit,
+                    "lease_ms": lease_ms,
+                }
                 rows = await (await _execute(conn, self._sql.fetch_orchestration, params)).fetchall()
                 items, empty_tokens = self._build_items(rows)
                 if empty_tokens:
@@ -511,7 +530,10 @@ class PostgresProvider(Provider):
                     bad.append(f"orchestrator_queue id {message_id}: {exc}")
                     continue
                 if isinstance(decoded, ActivityExecute):
-                    bad.append(f"orchestrator_queue id {message_id}: an ActivityExecute is not an orchestrator message")
+                    bad.append(
+                        f"orchestrator_queue id {message_id}: an ActivityExecute is not an orchestrator"
+                        " message"
+                    )
                     continue
                 messages.append(decoded)
             info = None
@@ -553,7 +575,9 @@ class PostgresProvider(Provider):
             try:
                 batch.append(_EncodedAck.build(index, ack))
             except Exception as exc:  # unencodable input: that ack alone fails
-                results[index] = ProviderError("ack_orchestration_items", f"cannot encode ack: {exc}", retryable=False)
+                results[index] = ProviderError(
+                    "ack_orchestration_items", f"cannot encode ack: {exc}", retryable=False
+                )
         # One global order (by instance) for the row locks the acks take: no deadlock cycles.
         batch.sort(key=lambda e: (e.ack.instance_id, e.index))
         if not batch:
@@ -568,15 +592,20 @@ class PostgresProvider(Provider):
             # A permanent error in one ack (e.g. a duplicate event id) failed the whole statement:
             # replay each ack on its own so only the culprit fails.
             for entry in batch:
-                try:
-                    single = await self._run("ack_orchestration_items", lambda conn, e=entry: self._ack_batch(conn, [e]))
-                    results[entry.index] = single[0]
-                except ProviderError as single_exc:
-                    results[entry.index] = single_exc
+                results[entry.index] = await self._ack_alone(entry)
             return results
         for entry, error in zip(batch, outcome, strict=True):
             results[entry.index] = error
         return results
+
+    async def _ack_alone(self, entry: _EncodedAck) -> ProviderError | None:
+        async def body(conn: Conn) -> list[ProviderError | None]:
+            return await self._ack_batch(conn, [entry])
+
+        try:
+            return (await self._run("ack_orchestration_items", body))[0]
+        except ProviderError as exc:
+            return exc
 
     async def _ack_batch(self, conn: Conn, batch: Sequence[_EncodedAck]) -> list[ProviderError | None]:
         worker = False
@@ -595,11 +624,15 @@ class PostgresProvider(Provider):
             worker=worker, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None)
         )
         row = await (
-            await _execute(conn, self._sql.ack_orchestration, {**params, **self._notify_lists(payloads, changed)})
+            await _execute(
+                conn, self._sql.ack_orchestration, {**params, **self._notify_lists(payloads, changed)}
+            )
         ).fetchone()
         done = set(row[0] or ()) if row else set()
         errors: list[ProviderError | None] = [
-            None if position in done else ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token)
+            None
+            if position in done
+            else ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token)
             for position, entry in enumerate(batch)
         ]
         if done:
@@ -609,7 +642,9 @@ class PostgresProvider(Provider):
                     self._hub.instance_changed(instance_id)
         return errors
 
-    async def abandon_orchestration_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
+    async def abandon_orchestration_item(
+        self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
+    ) -> None:
         """Release an instance lock without committing (optionally delayed, optionally uncounted)."""
         delay_ms = _delay_ms(delay)
         visible_at = _now_ms() + delay_ms
@@ -638,7 +673,9 @@ class PostgresProvider(Provider):
         params = {"token": lock_token, "lease_ms": _lease_ms(lock_timeout)}
 
         async def body(conn: Conn) -> bool:
-            return (await (await _execute(conn, self._sql.renew_orchestration, params)).fetchone()) is not None
+            return (
+                await (await _execute(conn, self._sql.renew_orchestration, params)).fetchone()
+            ) is not None
 
         if not await self._run("renew_orchestration_lock", body):
             raise ProviderError.lock_lost("renew_orchestration_lock", lock_token)
@@ -666,11 +703,15 @@ class PostgresProvider(Provider):
                 if isinstance(decoded, ActivityExecute):
                     item = decoded
                 else:
-                    error = f"worker_queue id {_id}: expected an ActivityExecute, found {type(decoded).__name__}"
+                    error = (
+                        f"worker_queue id {_id}: expected an ActivityExecute, found {type(decoded).__name__}"
+                    )
             except DecodeError as exc:
                 error = f"worker_queue id {_id}: {exc}"
             leases.append(
-                WorkItemLease(lock_token=token, attempt_count=attempt_count, ref=ref, item=item, decode_error=error)
+                WorkItemLease(
+                    lock_token=token, attempt_count=attempt_count, ref=ref, item=item, decode_error=error
+                )
             )
         return leases
 
@@ -703,7 +744,9 @@ class PostgresProvider(Provider):
             try:
                 data = encode_message(completion) if completion is not None else None
             except Exception as exc:
-                results[index] = ProviderError("ack_work_items", f"cannot encode completion: {exc}", retryable=False)
+                results[index] = ProviderError(
+                    "ack_work_items", f"cannot encode completion: {exc}", retryable=False
+                )
                 continue
             slots[row_id] = index
             ids.append(row_id)
@@ -716,7 +759,9 @@ class PostgresProvider(Provider):
         if not ids:
             return results
         orchestrator_now, timers = self._split_visibility(completions)
-        payloads = make_payloads(worker=False, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None))
+        payloads = make_payloads(
+            worker=False, orchestrator_now=orchestrator_now, earliest_timer_ms=min(timers, default=None)
+        )
         params = {
             "ids": ids,
             "tokens": tokens,
@@ -744,7 +789,9 @@ class PostgresProvider(Provider):
             self._signal_local(worker=False, orchestrator_now=orchestrator_now, timers=timers)
         return results
 
-    async def abandon_work_item(self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False) -> None:
+    async def abandon_work_item(
+        self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
+    ) -> None:
         """Release a lease without completing (optionally delayed, optionally uncounted)."""
         delay_ms = _delay_ms(delay)
         row_id = self._work_row_id(lock_token)
@@ -801,9 +848,13 @@ class PostgresProvider(Provider):
         try:
             datas = [encode_message(m) for m in messages]
         except Exception as exc:
-            raise ProviderError("enqueue_orchestrator_messages", f"cannot encode message: {exc}", retryable=False) from exc
+            raise ProviderError(
+                "enqueue_orchestrator_messages", f"cannot encode message: {exc}", retryable=False
+            ) from exc
         now, future = self._split_visibility(messages)
-        payloads = make_payloads(worker=False, orchestrator_now=now, earliest_timer_ms=min(future, default=None))
+        payloads = make_payloads(
+            worker=False, orchestrator_now=now, earliest_timer_ms=min(future, default=None)
+        )
         params = {
             "insts": [m.instance_id for m in messages],
             "datas": datas,
@@ -831,7 +882,9 @@ class PostgresProvider(Provider):
                 events.append(decode_event(data))
             except DecodeError as exc:
                 raise ProviderError(
-                    "read_history", f"instance {instance_id!r} event {event_id} cannot be decoded: {exc}", retryable=False
+                    "read_history",
+                    f"instance {instance_id!r} event {event_id} cannot be decoded: {exc}",
+                    retryable=False,
                 ) from None
         return events
 
@@ -839,12 +892,27 @@ class PostgresProvider(Provider):
         """The stored state of the instance and its current execution, or None."""
 
         async def body(conn: Conn) -> tuple[Any, ...] | None:
-            return await (await _execute(conn, self._sql.get_instance, {"instance_id": instance_id})).fetchone()
+            return await (
+                await _execute(conn, self._sql.get_instance, {"instance_id": instance_id})
+            ).fetchone()
 
         row = await self._run("get_instance", body, idempotent=True)
         if row is None:
             return None
-        (iid, name, version, execution_id, status, output, parent, cs, cs_version, last_event_id, created, updated) = row
+        (
+            iid,
+            name,
+            version,
+            execution_id,
+            status,
+            output,
+            parent,
+            cs,
+            cs_version,
+            last_event_id,
+            created,
+            updated,
+        ) = row
         return InstanceInfo(
             instance_id=iid,
             name=name or "",
@@ -860,7 +928,9 @@ class PostgresProvider(Provider):
             updated_at_ms=updated,
         )
 
-    async def get_custom_status(self, instance_id: str, last_seen_version: int) -> tuple[str | None, int] | None:
+    async def get_custom_status(
+        self, instance_id: str, last_seen_version: int
+    ) -> tuple[str | None, int] | None:
         """``(custom_status, version)`` if newer than ``last_seen_version``; one indexed read."""
         params = {"instance_id": instance_id, "version": last_seen_version}
 
@@ -899,13 +969,24 @@ class PostgresProvider(Provider):
 class _EncodedAck:
     """One orchestration ack, encoded once (JSON off the database round trip) for the batch statement."""
 
+    #: The array parameters of the batch statement, one element per ack (or per event/item).
     KEYS = (
-        "idx", "instance_id", "token", "execution_id", "parent", "cs_changed", "cs", "name", "version", "status",
-        "output", "last_event_id", "h_idx", "h_event_id", "h_data", "c_idx", "c_inst", "c_exec", "c_act",
-        "w_idx", "w_inst", "w_exec", "w_act", "w_data", "o_idx", "o_inst", "o_data", "o_vis",
+        "idx", "instance_id", "token", "execution_id", "parent", "cs_changed", "cs", "name", "version",
+        "status", "output", "last_event_id", "h_idx", "h_event_id", "h_data", "c_idx", "c_inst", "c_exec",
+        "c_act", "w_idx", "w_inst", "w_exec", "w_act", "w_data", "o_idx", "o_inst", "o_data", "o_vis",
     )  # fmt: skip
 
-    __slots__ = ("ack", "changed", "events", "index", "orchestrator", "orchestrator_now", "timers", "worker", "workers")
+    __slots__ = (
+        "ack",
+        "changed",
+        "events",
+        "index",
+        "orchestrator",
+        "orchestrator_now",
+        "timers",
+        "worker",
+        "workers",
+    )
 
     def __init__(self, index: int, ack: OrchestrationAck) -> None:
         self.index = index

@@ -46,7 +46,8 @@ def validate_schema(schema: str) -> str:
     """
     if not isinstance(schema, str) or not _SCHEMA_RE.match(schema):
         raise ValueError(
-            f"invalid schema name {schema!r}: use 1-63 letters, digits or underscores, not starting with a digit"
+            f"invalid schema name {schema!r}: use 1-63 letters, digits or underscores, "
+            "not starting with a digit"
         )
     if schema.lower() in _RESERVED or schema.lower().startswith(_RESERVED_PREFIXES):
         raise ValueError(f"schema name {schema!r} is reserved; pick a dedicated schema for perdure")
@@ -109,7 +110,9 @@ def revisions() -> list[str]:
     return [str(r.revision) for r in reversed(list(script.walk_revisions()))]
 
 
-def migrate(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "head", connect_timeout: float = 10.0) -> None:
+def migrate(
+    dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "head", connect_timeout: float = 10.0
+) -> None:
     """Create or upgrade the perdure tables in ``schema`` to ``revision`` (default: the newest).
 
     Idempotent and safe to run from several processes at once (an advisory lock serialises
@@ -160,7 +163,9 @@ def version_query(schema: str) -> sql.Composed:
     Fails with ``UndefinedTable`` or ``InvalidSchemaName`` when the schema was never migrated;
     callers treat that as "no revision".
     """
-    return sql.SQL("SELECT version_num FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(VERSION_TABLE))
+    return sql.SQL("SELECT version_num FROM {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(VERSION_TABLE)
+    )
 
 
 def schema_state(dsn: str, *, schema: str = DEFAULT_SCHEMA) -> SchemaState:
