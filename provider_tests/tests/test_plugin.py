@@ -54,10 +54,16 @@ def setup_project(pytester: pytest.Pytester, provider: str = "InMemoryProvider")
 
 def test_runs_in_strict_mode_without_asyncio_configuration(pytester: pytest.Pytester) -> None:
     setup_project(pytester)
+    # Only a warnings filter: pytest-asyncio warns that its loop-scope default is unset.
+    quiet = ["-W", "ignore::pytest.PytestDeprecationWarning"]
     result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "test_conformance.py::test_first_ack_creates_the_instance_from_its_data"
+        "-p",
+        "no:cacheprovider",
+        *quiet,
+        "test_conformance.py::test_first_ack_creates_the_instance_from_its_data",
     )
     result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["asyncio: mode=Mode.STRICT*"])
     assert "asyncio_mode" not in (pytester.path / "conftest.py").read_text()
 
 
@@ -111,7 +117,13 @@ def test_prints_a_report_per_area(pytester: pytest.Pytester) -> None:
 def test_every_provider_is_disposed(pytester: pytest.Pytester) -> None:
     setup_project(pytester)
     result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "-s", "-k", "custom_status or attempt_count_starts_at_one"
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+        "-s",
+        "-k",
+        "custom_status or attempt_count_starts_at_one",
     )
     outcomes = result.parseoutcomes()
     created = outcomes["passed"]
@@ -123,7 +135,11 @@ def test_missing_factory_fixture_is_a_clear_error(pytester: pytest.Pytester) -> 
     pytester.makeconftest('pytest_plugins = ["perdure_provider_tests.plugin"]\n')
     pytester.makepyfile(test_conformance="from perdure_provider_tests.suite import *  # noqa: F403\n")
     result = pytester.runpytest_inprocess(
-        "-p", "no:cacheprovider", "test_conformance.py::test_lock_tokens_are_unique"
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "asyncio_default_fixture_loop_scope=function",
+        "test_conformance.py::test_lock_tokens_are_unique",
     )
     result.stdout.fnmatch_lines(["*define a `provider_factory` fixture in your conftest.py*"])
     assert result.ret != 0
@@ -216,3 +232,22 @@ def test_suite_modules_do_not_sleep_blindly() -> None:
                 argument = node.args[0]
                 if isinstance(argument, ast.Constant):
                     assert argument.value == 0, f"{path.name}:{node.lineno} sleeps a bare {argument.value!r}s"
+
+
+GUIDE = HERE.parent.parent / "docs" / "provider-authoring.md"
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="docs/provider-authoring.md is not beside this checkout")
+def test_guide_lists_every_rule() -> None:
+    """The guide's appendix is rules_markdown(): regenerate it when a test or docstring changes."""
+    from perdure_provider_tests.suite import rules_markdown
+
+    assert rules_markdown() in GUIDE.read_text(), "docs/provider-authoring.md appendix is stale"
+
+
+@pytest.mark.skipif(not GUIDE.exists(), reason="docs/provider-authoring.md is not beside this checkout")
+def test_guide_names_only_real_tests() -> None:
+    import re
+
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", GUIDE.read_text()))
+    assert named - set(TESTS) == set()

@@ -14,6 +14,7 @@ silently shadow each other; importing this package raises instead.
 
 from __future__ import annotations
 
+import inspect
 from types import ModuleType
 from typing import Any
 
@@ -68,6 +69,31 @@ def _tests(areas: tuple[ModuleType, ...]) -> dict[str, Any]:
                     )
                 found[name] = obj
     return found
+
+
+def rules_markdown() -> str:
+    """Every rule the suite checks, per area, as the Markdown list in docs/provider-authoring.md."""
+    lines: list[str] = []
+    for module in AREAS:
+        area = module.__name__.rsplit(".", 1)[1].removeprefix("test_")
+        summary = (inspect.getdoc(module) or "").splitlines()[0]
+        lines += [f"### {area}", "", summary, ""]
+        for name, function in _tests((module,)).items():
+            marks = getattr(function, "pytestmark", [])
+            notes = (
+                ["both queues"]
+                if any(m.name == "parametrize" and m.args[0] == "queue" for m in marks)
+                else []
+            )
+            notes += [
+                f"{m.name.removeprefix('requires_')}: {m.args[0]}"
+                for m in marks
+                if m.name.startswith("requires_")
+            ]
+            suffix = f" *({'; '.join(notes)})*" if notes else ""
+            lines.append(f"- `{name}`: {inspect.getdoc(function)}{suffix}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 TESTS: dict[str, Any] = _tests(AREAS)
