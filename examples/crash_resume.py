@@ -116,6 +116,7 @@ async def main() -> None:
     with temp_database() as database:
         journal = database.with_name("journal.txt")
         provider = SqliteProvider(database)
+        await provider.open()  # creates the schema; the workers find it ready
         client = Client(provider)  # the parent only needs a client, no runtime
         workers: list[subprocess.Popen[bytes]] = []
         try:

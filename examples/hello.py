@@ -14,8 +14,8 @@ The three ideas of perdure are all here:
 from __future__ import annotations
 
 import asyncio
-
-from _common import DEMO_OPTIONS, temp_database
+import tempfile
+from pathlib import Path
 
 from perdure import ActivityContext, OrchestrationContext, Registry, Runtime
 from perdure_sqlite import SqliteProvider
@@ -41,11 +41,12 @@ async def hello(ctx: OrchestrationContext, name: str) -> str:
 
 
 async def main() -> None:
-    with temp_database() as path:
-        provider = SqliteProvider(path)
+    with tempfile.TemporaryDirectory() as folder:
+        # The store: one SQLite file (a real application would keep it, e.g. "app.db").
+        provider = SqliteProvider(Path(folder) / "hello.db")
         # The runtime opens the provider (creating the schema on first use) and starts fetching
         # work; leaving the block shuts it down gracefully.
-        async with Runtime(provider, app, DEMO_OPTIONS) as runtime:
+        async with Runtime(provider, app) as runtime:
             client = runtime.client
             instance_id = await client.start_orchestration(hello, "world", instance_id="hello-1")
             print(f"started orchestration {instance_id!r}")
