@@ -57,7 +57,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python=PYTHONS)
 @nox.parametrize("provider", PROVIDERS)
 def tests(session: nox.Session, provider: str) -> None:
-    extra = ["pytest-postgresql"] if provider == "postgres" else []
+    extra = {"memory": [], "sqlite": ["hatchling"], "postgres": ["hatchling", "pytest-postgresql"]}[provider]
     session.install("./core", "./provider_tests", *DISTS[provider], *TEST_DEPS, *extra)
     env = {"PERDURE_TEST_PROVIDER": provider}
     session.run("pytest", "core/tests", *session.posargs, env=env)
