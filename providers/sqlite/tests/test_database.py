@@ -238,6 +238,7 @@ def test_from_url() -> None:
         "sqlite:///:memory:": ":memory:",
         "sqlite://": ":memory:",
         "sqlite:///with%20space.db": "with space.db",
+        "sqlite+pysqlite:///driver.db": "driver.db",
     }
     for url, path in cases.items():
         assert from_url(url).path == path, url

@@ -30,9 +30,11 @@ Durability = Literal["full", "fast"]
 
 MEMORY = ":memory:"
 
-#: The writer checkpoints by itself only past this many WAL pages (normally never: see
-#: ``_thread.Checkpointer``).
-WAL_AUTOCHECKPOINT_PAGES = 16384
+#: The writer checkpoints by itself only past this many WAL pages (16 MiB). The background
+#: ``_thread.Checkpointer`` copies most frames before that, so the writer's own checkpoint is
+#: short; it is still needed under sustained load, because a checkpoint running beside a busy
+#: writer never catches up with the last frames, and only a complete one lets the WAL restart.
+WAL_AUTOCHECKPOINT_PAGES = 4096
 
 #: alembic keeps the running migration in module globals (``alembic.context``): one at a time
 #: per process. Other processes are serialised by the write lock the migration holds.
@@ -98,10 +100,8 @@ def connect(
         # on power loss or an OS crash.
         execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
         if path != MEMORY:
-            # A background connection checkpoints (see _thread.Checkpointer); this is only the
-            # safety limit at which the writer checkpoints by itself (16k pages, 64 MiB).
             execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-            execute("PRAGMA journal_size_limit=67108864")  # truncate a WAL left above 64 MiB
+            execute("PRAGMA journal_size_limit=33554432")  # truncate a restarted WAL above 32 MiB
         execute("PRAGMA temp_store=MEMORY")
         execute("PRAGMA cache_size=-32768")  # 32 MiB of page cache
         execute("PRAGMA foreign_keys=OFF")

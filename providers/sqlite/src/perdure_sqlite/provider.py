@@ -102,7 +102,10 @@ class SqliteProvider(Provider):
         self._migrate = migrate
         self._busy_timeout = busy_timeout
         self._busy_retry_limit = busy_retry_limit
+        #: The connection thread, from the first open() on (maybe still starting).
         self._db: ConnectionThread | None = None
+        #: The same thread once its connection is open and migrated: the hot path's only check.
+        self._live: ConnectionThread | None = None
         self._closed = False
         self._token_base = secrets.token_hex(6)
         self._counter = itertools.count(1)
@@ -166,13 +169,15 @@ class SqliteProvider(Provider):
             if self._db is db:
                 self._db = None
             raise as_provider_error("open", exc) from exc
+        if self._db is db:
+            self._live = db
 
     async def close(self) -> None:
         """Finish queued operations, close the connection and stop the thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        db, self._db = self._db, None
+        db, self._db, self._live = self._db, None, None
         if db is not None:
             await asyncio.shield(asyncio.wrap_future(db.stop()))
         self._orchestrator_signal.wake_all()
@@ -199,12 +204,12 @@ class SqliteProvider(Provider):
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _submit(self, operation: str, write: bool, units: Sequence[Unit]) -> list[Any]:
-        db = self._db
-        if db is None or not db.ready.done():
+        db = self._live
+        if db is None:
             if self._closed:
                 raise closed_error(operation)
-            await self.open()
-            db = self._db
+            await self.open()  # the first call opens lazily
+            db = self._live
             if db is None:
                 raise closed_error(operation)
         loop = asyncio.get_running_loop()
@@ -553,7 +558,7 @@ def from_url(url: str, **options: Any) -> SqliteProvider:
     keyword ``options`` override them.
     """
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "sqlite":
+    if parts.scheme.split("+", 1)[0] != "sqlite":
         raise ValueError(f"not a sqlite URL: {url!r}")
     if parts.netloc and parts.netloc != MEMORY:
         raise ValueError(
