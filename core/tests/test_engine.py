@@ -280,7 +280,7 @@ async def test_awaiting_asyncio_sleep_fails_with_the_durable_alternative() -> No
     assert done.status == "failed"
     details = decode_error(done.output or "")
     assert details.type == "NonDurableAwait"
-    assert "ctx.sleep" in details.message
+    assert "instead of asyncio.sleep" in details.message
     assert "await asyncio.sleep(1)" in (details.traceback or "")
 
 
@@ -555,3 +555,14 @@ def test_replay_safe_logger_logs_only_live(caplog: pytest.LogCaptureFixture) -> 
         t.start()
         t.replay_fresh()
     assert [r.getMessage() for r in caplog.records].count("step one") == 1
+
+
+def test_an_oversized_orchestration_result_fails_with_the_limit() -> None:
+    async def huge(ctx: OrchestrationContext) -> str:
+        return "x" * (3 * 1024 * 1024)
+
+    t = harness(huge)
+    done = t.start()
+    assert done.status == "failed"
+    details = decode_error(done.output or "")
+    assert details.type == "LimitExceeded" and "result of orchestration 'huge'" in details.message

@@ -751,3 +751,66 @@ async def test_pydantic_models_as_inputs_and_results(runtime_factory: Any) -> No
     )
     status = await runtime.client.wait_for_orchestration(instance, timeout=10)
     assert status.result(Quote) == Quote(total=3.5, items=[Item(sku="a", price=1.5), Item(sku="b", price=2)])
+
+
+async def test_running_instances_keep_their_version_when_a_new_one_is_deployed(runtime_factory: Any) -> None:
+    v1 = Registry()
+    both = Registry()
+
+    async def flow_v1(ctx: OrchestrationContext) -> str:
+        await ctx.wait_for_event("go")
+        return "v1"
+
+    async def flow_v2(ctx: OrchestrationContext) -> str:
+        await ctx.sleep(0.01)
+        await ctx.wait_for_event("go")
+        return "v2"
+
+    v1.orchestration(name="flow", version="1")(flow_v1)
+    both.orchestration(name="flow", version="1")(flow_v1)
+    both.orchestration(name="flow", version="2")(flow_v2)
+
+    old = await runtime_factory(v1)
+    instance = await old.client.start_orchestration("flow")  # no version: pins the latest it runs
+    for _ in range(100):
+        if await old.client.get_status(instance) is not None:
+            break
+        await asyncio.sleep(0.05)
+    await old.shutdown()
+    new = await runtime_factory(both)
+    fresh = await new.client.start_orchestration("flow")
+    await new.client.raise_event(instance, "go")
+    assert (await new.client.wait_for_orchestration(instance, timeout=10)).result() == "v1"
+    for _ in range(100):
+        status = await new.client.get_status(fresh)
+        if status is not None and status.version == "2":
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)
+    await new.client.raise_event(fresh, "go")
+    done = await new.client.wait_for_orchestration(fresh, timeout=10)
+    assert (done.result(), done.version) == ("v2", "2")
+
+
+async def test_a_child_id_that_is_taken_fails_the_call_instead_of_hanging(runtime_factory: Any) -> None:
+    app = Registry()
+
+    @app.orchestration
+    async def child(ctx: OrchestrationContext) -> str:
+        return "child"
+
+    @app.orchestration
+    async def parent(ctx: OrchestrationContext) -> str:
+        try:
+            await ctx.call_sub_orchestration(child, instance_id="taken")
+        except SubOrchestrationFailed as exc:
+            return exc.type_name
+        return "ran"
+
+    runtime = await runtime_factory(app)
+    await runtime.client.start_orchestration(child, instance_id="taken")
+    await runtime.client.wait_for_orchestration("taken", timeout=10)
+    instance = await runtime.client.start_orchestration(parent)
+    assert (
+        await runtime.client.wait_for_orchestration(instance, timeout=10)
+    ).result() == "InstanceAlreadyExists"

@@ -114,7 +114,8 @@ class Client:
         Two starts racing for the same new id both return; the first to be processed wins and the
         other is dropped by the runtime (never run twice).
         """
-        name = self._orchestration_name(orchestration)
+        name, pinned = self._orchestration_name(orchestration)
+        version = version if version is not None else pinned
         instance = validate_instance_id(instance_id) if instance_id is not None else uuid.uuid4().hex
         existing = await self.provider.get_instance(instance)
         if existing is not None:
@@ -213,18 +214,19 @@ class Client:
         """The recorded history of an execution (the current one by default)."""
         return await self.provider.read_history(instance_id, execution_id)
 
-    def _orchestration_name(self, orchestration: Callable[..., Any] | str) -> str:
+    def _orchestration_name(self, orchestration: Callable[..., Any] | str) -> tuple[str, str | None]:
+        """The name, and the version of a decorated function (None for a plain name)."""
         if isinstance(orchestration, str):
             # Not checked against the registry: in a rolling deploy the runtime that knows the
             # name may not be this process's. An unknown name is retried, then failed as poison.
-            return validate_name(orchestration, "orchestration name")
+            return validate_name(orchestration, "orchestration name"), None
         found = definition_of(orchestration)
         if not isinstance(found, OrchestrationDef):
             raise TypeError(
                 f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered "
                 "orchestration; decorate it with @registry.orchestration or pass its name"
             )
-        return found.name
+        return found.name, found.version
 
 
 __all__ = ["Client", "IfExists", "OrchestrationStatus", "Status"]

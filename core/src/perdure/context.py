@@ -213,6 +213,7 @@ class OrchestrationContext:
                     "orchestration; decorate it with @registry.orchestration or pass its name"
                 )
             name, definition = found.name, found
+            version = version if version is not None else found.version
         if instance_id is not None:
             validate_instance_id(instance_id)
         what = f"input of sub-orchestration {name!r}"

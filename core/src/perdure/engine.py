@@ -42,6 +42,7 @@ from perdure.errors import (
     SubOrchestrationFailed,
     TaskCancelled,
 )
+from perdure.limits import LimitExceeded, check_payload
 from perdure.provider import ExecutionStatus, encode_error
 from perdure.serialization import SerializationError, dumps
 
@@ -503,14 +504,24 @@ class Engine:
     """Replays and advances one execution of one orchestration instance.
 
     ``body(engine, input_text)`` builds the orchestration coroutine (the context wraps the
-    user's function); the engine never imports user code itself.
+    user's function); the engine never imports user code itself. ``version`` is the version the
+    runtime resolved for the code it runs; a new execution pins it in ``OrchestrationStarted``.
     """
 
-    def __init__(self, *, instance_id: str, execution_id: int, name: str, body: OrchestrationBody) -> None:
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        execution_id: int,
+        name: str,
+        body: OrchestrationBody,
+        version: str | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self.execution_id = execution_id
         self.name = name
-        self.version: str | None = None
+        #: The version a new execution records when its start message names none.
+        self.version: str | None = version
         self.parent: h.ParentRef | None = None
         self.input = ""
         self._body = body
@@ -654,7 +665,7 @@ class Engine:
                 event_id=self.last_event_id + 1,
                 timestamp_ms=turn_time,
                 name=start.name,
-                version=start.version,
+                version=start.version if start.version is not None else self.version,
                 input=start.input,
                 parent=start.parent,
                 initial_custom_status=start.initial_custom_status
@@ -900,9 +911,10 @@ class Engine:
             else:
                 details = _error_details(error)
         else:
+            what = f"result of orchestration {self.name!r}"
             try:
-                output = dumps(main.future._value, what=f"result of orchestration {self.name!r}")
-            except SerializationError as exc:
+                output = check_payload(dumps(main.future._value, what=what), what)
+            except (SerializationError, LimitExceeded) as exc:
                 details = _error_details(exc)
         self._cancel_outstanding("orchestration ended")
         self._flush(turn_time)
@@ -995,7 +1007,7 @@ def error_details(error: BaseException, kind: h.ErrorKind = "application") -> h.
 
 def _non_durable_message(obj: object) -> str:
     module = type(obj).__module__
-    if obj is None or module.startswith("asyncio") or module.startswith("concurrent"):
+    if obj is None or module.startswith(("asyncio", "_asyncio", "concurrent")):
         return (
             "an orchestration awaited an asyncio operation, which perdure cannot record or replay. "
             "Use 'await ctx.sleep(seconds)' instead of asyncio.sleep, 'ctx.all([...])' / 'ctx.any([...])' "

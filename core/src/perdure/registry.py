@@ -165,9 +165,15 @@ class Registry:
         """The activity registered under ``name``, or ``None``."""
         return self._activities.get(name)
 
-    def orchestration_def(self, name: str, version: str | None = None) -> OrchestrationDef | None:
-        """The orchestration ``name`` at ``version`` (the latest when ``version`` is None)."""
-        if version is None:
+    def orchestration_def(
+        self, name: str, version: str | None = None, *, exact: bool = False
+    ) -> OrchestrationDef | None:
+        """The orchestration ``name`` at ``version``.
+
+        With ``version=None`` this is the latest registered version, unless ``exact`` asks for
+        the registration that has no version (what an instance pinned to "no version" runs).
+        """
+        if version is None and not exact:
             return self._latest.get(name)
         return self._orchestrations.get(name, {}).get(version)
 

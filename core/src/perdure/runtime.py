@@ -280,7 +280,7 @@ class Runtime:
 
     async def _backoff(self, what: str, error: ProviderError, failures: int) -> None:
         delay = min(0.05 * 2 ** min(failures, 10), self.options.poll_interval * 5)
-        level = logging.WARNING if failures < 5 or not error.retryable else logging.ERROR
+        level = logging.WARNING if failures < 5 and error.retryable else logging.ERROR
         _log.log(level, "could not %s (%s); retrying in %.2f s", what, error, delay)
         await asyncio.sleep(delay)
 
@@ -330,13 +330,46 @@ class Runtime:
         )
 
     async def _turn(self, item: OrchestrationItem) -> OrchestrationAck | None:
-        """Run one turn for a locked instance; return its ack, or None if it was abandoned."""
+        """Run one turn for a locked instance; return its ack, or None if it was abandoned.
+
+        A parent's start for an instance id that is already taken is answered with a failure to
+        that parent, so a clash of child ids never leaves a parent waiting forever.
+        """
+        ack = await self._run_turn(item)
+        if ack is None:
+            return None
+        used = None if item.instance is not None else self._start_of(item)
+        clashes = [
+            m for m in item.messages if isinstance(m, h.StartOrchestration) and m.parent and m is not used
+        ]
+        if clashes:
+            ack.orchestrator_items = [
+                *ack.orchestrator_items,
+                *(
+                    _parent_error(
+                        m.parent,
+                        h.ErrorDetails(
+                            "application",
+                            "InstanceAlreadyExists",
+                            f"instance {item.instance_id!r} already exists; give the sub-orchestration "
+                            "another instance_id",
+                        ),
+                    )
+                    for m in clashes
+                    if m.parent is not None
+                ),
+            ]
+        return ack
+
+    @staticmethod
+    def _start_of(item: OrchestrationItem) -> h.StartOrchestration | h.ContinueAsNew | None:
+        return next((m for m in item.messages if isinstance(m, h.StartOrchestration | h.ContinueAsNew)), None)
+
+    async def _run_turn(self, item: OrchestrationItem) -> OrchestrationAck | None:
         instance = item.instance
         for problem in item.bad_messages:
             _log.error("dropping undecodable message for %r: %s", item.instance_id, problem)
-        start = next(
-            (m for m in item.messages if isinstance(m, h.StartOrchestration | h.ContinueAsNew)), None
-        )
+        start = self._start_of(item)
         if instance is None or instance.status == "continued_as_new":
             if start is None or (
                 instance is not None
@@ -356,7 +389,8 @@ class Runtime:
         if item.attempt_count > self.options.max_attempts:
             return await self._poison(item, name, version, execution_id, last_event_id, start)
 
-        definition = self.registry.orchestration_def(name, version)
+        # A new execution without a version runs (and pins) the latest; a running one keeps its own.
+        definition = self.registry.orchestration_def(name, version, exact=last_event_id > 0)
         if definition is None:
             delay = min(
                 self.options.unknown_name_backoff * 2 ** (item.attempt_count - 1),
@@ -381,6 +415,7 @@ class Runtime:
                 execution_id=execution_id,
                 name=name,
                 body=orchestration_body(definition, self.registry),
+                version=definition.version,
             )
             if last_event_id > 0:
                 try:
