@@ -104,7 +104,9 @@ class Capabilities:
     so in its report.
     """
 
-    #: ``wait_for_work`` returns early when work arrives (otherwise it simply sleeps).
+    #: ``wait_for_work`` and ``wait_for_instance_change`` return early: at once when work is
+    #: already waiting, as soon as new work is enqueued or a delayed message comes due, and when
+    #: an ack changes the watched instance (otherwise they simply sleep).
     wakeups: bool = False
     #: Wake-ups also reach other processes sharing the store (e.g. LISTEN/NOTIFY).
     cross_process: bool = False
@@ -145,7 +147,8 @@ class OrchestrationItem:
     messages: list[Message]
     #: ``None`` until the first ack of the instance has created it.
     instance: InstanceInfo | None
-    #: Messages that could not be decoded (they are tagged too and deleted by the ack).
+    #: One line per message that could not be decoded, naming the message and the decode error
+    #: (such messages are tagged too and deleted by the ack).
     bad_messages: list[str] = field(default_factory=list)
 
 
@@ -153,9 +156,12 @@ class OrchestrationItem:
 class OrchestrationAck:
     """Everything one orchestration turn commits, atomically.
 
-    ``name``, ``version`` and ``parent`` describe the instance so the ack can create it.
-    ``status`` and ``output`` are set when the turn starts or ends an execution.
+    ``name`` and ``parent`` describe the instance so the ack can create it; they are fixed when
+    the instance is created, as is its creation time. ``version`` is taken from the first ack of
+    each execution (so it may change at continue-as-new). ``status`` and ``output`` are set when
+    the turn starts or ends an execution; an ack without a status leaves both unchanged.
     ``custom_status`` is written only when ``custom_status_changed`` is True (``None`` clears it).
+    A lock token is valid only for the instance it locked.
     """
 
     lock_token: str
@@ -232,6 +238,8 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def fetch_orchestration_items(self, limit: int, lock_timeout: float) -> list[OrchestrationItem]:
         """Lock up to ``limit`` distinct instances that have visible messages, oldest work first.
+
+        "Oldest" means by visible time, then enqueue order.
 
         Each returned item holds an instance lock valid for ``lock_timeout`` seconds and every
         message of that instance visible now, tagged with the lock token. Returns an empty list
