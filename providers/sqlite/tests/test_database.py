@@ -14,7 +14,8 @@ from sqlite_support import LOCK, ack_for, activity, fetch_one, result, scheduled
 
 from perdure.history import RaiseEvent
 from perdure.provider import ProviderError, WorkItemAck
-from perdure_sqlite import MAX_PAYLOAD_BYTES, SqliteProvider, from_url
+from perdure_sqlite import MAX_PAYLOAD_BYTES, SqliteProvider, _store, from_url
+from perdure_sqlite._thread import DURABLE, LIGHT
 
 # -- busy database -------------------------------------------------------------------------------
 
@@ -100,6 +101,20 @@ async def test_durability_sets_the_synchronous_pragma(tmp_path: Path, durability
         assert await db._execute("PRAGMA synchronous") == [(expected,)]
         assert await db._execute("PRAGMA journal_mode") == [("wal",)]
         assert db.durability == durability
+
+
+async def test_only_batches_with_durable_writes_pay_for_an_fsync(tmp_path: Path) -> None:
+    async with SqliteProvider(tmp_path / "d.db") as db:
+        light = (_store.execute_sql, ("PRAGMA synchronous", ()))
+        await db.enqueue_orchestrator_messages([start("a")])
+        # A batch of only lease moves (fetch, renew, abandon) commits with synchronous=NORMAL ...
+        assert (await db._submit("probe", LIGHT, [light]))[0] == [(1,)]
+        item = await fetch_one(db)
+        # ... and the next durable commit (an ack, an enqueue) fsyncs again, covering both.
+        assert (await db._submit("probe", DURABLE, [light]))[0] == [(2,)]
+        assert await db.ack_orchestration_items([ack_for(item, history=[started()])]) == [None]
+    async with SqliteProvider(tmp_path / "f.db", durability="fast") as db:
+        assert (await db._submit("probe", DURABLE, [light]))[0] == [(1,)]
 
 
 def test_bad_durability_is_rejected() -> None:

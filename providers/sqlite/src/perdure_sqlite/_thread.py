@@ -38,6 +38,16 @@ Unit = tuple[Callable[..., Any], tuple[Any, ...]]
 #: Effects recorded by units (interpreted by the provider after a commit).
 Effects = list[tuple[Any, ...]]
 
+#: Job kinds. READ runs outside any transaction. DURABLE writes must survive power loss once
+#: answered (enqueues, acks): their commit fsyncs the WAL (with durability "full"). LIGHT writes
+#: only move leases and visibility (fetch, renew, abandon): losing the last of them to a power
+#: cut is harmless (a lease is simply taken again), so a batch of only LIGHT jobs commits
+#: without an fsync. The next durable commit's fsync covers their frames too: the WAL is
+#: appended in order, so nothing after an fsync can survive while something before it is lost.
+READ = 0
+LIGHT = 1
+DURABLE = 2
+
 #: Upper bound on jobs per transaction, to bound the latency of the first job in a batch.
 _MAX_JOBS_PER_BATCH = 512
 _STOP = object()
@@ -49,16 +59,16 @@ class Job:
     The outcome list holds, per unit and in order, its return value or the exception it raised.
     """
 
-    __slots__ = ("future", "loop", "units", "write")
+    __slots__ = ("future", "kind", "loop", "units")
 
     def __init__(
         self,
-        write: bool,
+        kind: int,
         units: Sequence[Unit],
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[list[Any]],
     ) -> None:
-        self.write = write
+        self.kind = kind
         self.units = units
         self.loop = loop
         self.future = future
@@ -132,9 +142,14 @@ class ConnectionThread:
         on_commit: Callable[[Effects], None],
         busy_retry_limit: float,
         checkpointer: Checkpointer | None = None,
+        full_sync: bool = False,
     ) -> None:
         self._connect = connect
         self._checkpointer = checkpointer
+        #: With durability "full": durable batches commit with synchronous=FULL, light ones
+        #: with NORMAL. ``_synchronous_full`` is the connection's current setting.
+        self._full_sync = full_sync
+        self._synchronous_full = full_sync
         self._on_commit = on_commit
         self._busy_retry_limit = busy_retry_limit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -236,7 +251,7 @@ class ConnectionThread:
         answers: list[tuple[Job, list[Any]]] = []
         writes: list[Job] = []
         for job in batch:
-            if job.write:
+            if job.kind != READ:
                 writes.append(job)
             else:
                 answers.append((job, [self._read(connection, fn, args) for fn, args in job.units]))
@@ -300,6 +315,11 @@ class ConnectionThread:
     ) -> tuple[list[list[Any]], Effects] | None:
         """One try at the batch: outcomes and effects, or None if the database was busy."""
         execute = connection.execute
+        if self._full_sync:
+            durable = any(job.kind == DURABLE for job in jobs)
+            if durable != self._synchronous_full:
+                execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                self._synchronous_full = durable
         try:
             execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:

@@ -45,7 +45,7 @@ from perdure_sqlite import _store
 from perdure_sqlite._errors import as_provider_error, closed_error
 from perdure_sqlite._schema import MEMORY, Durability, check_schema, connect, upgrade
 from perdure_sqlite._signals import InstanceWatch, WorkSignal
-from perdure_sqlite._thread import Checkpointer, ConnectionThread, Effects, Job, Unit
+from perdure_sqlite._thread import DURABLE, LIGHT, READ, Checkpointer, ConnectionThread, Effects, Job, Unit
 
 #: What perdure-sqlite promises to store per payload (input, result, event data). SQLite itself
 #: accepts values up to SQLITE_MAX_LENGTH (1 GB by default); 16 MiB is the size we test and that
@@ -158,6 +158,7 @@ class SqliteProvider(Provider):
                 on_commit=self._on_commit,
                 busy_retry_limit=self._busy_retry_limit,
                 checkpointer=checkpointer,
+                full_sync=self._durability == "full" and self._path != MEMORY,
             )
             db.start()
             weakref.finalize(self, db.stop)
@@ -203,7 +204,7 @@ class SqliteProvider(Provider):
 
     # -- plumbing ----------------------------------------------------------------------------
 
-    async def _submit(self, operation: str, write: bool, units: Sequence[Unit]) -> list[Any]:
+    async def _submit(self, operation: str, kind: int, units: Sequence[Unit]) -> list[Any]:
         db = self._live
         if db is None:
             if self._closed:
@@ -214,12 +215,12 @@ class SqliteProvider(Provider):
                 raise closed_error(operation)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
-        if not db.submit(Job(write, units, loop, future)):
+        if not db.submit(Job(kind, units, loop, future)):
             raise closed_error(operation)
         return await future
 
-    async def _call(self, operation: str, write: bool, fn: Callable[..., Any], *args: Any) -> Any:
-        outcome = (await self._submit(operation, write, [(fn, args)]))[0]
+    async def _call(self, operation: str, kind: int, fn: Callable[..., Any], *args: Any) -> Any:
+        outcome = (await self._submit(operation, kind, [(fn, args)]))[0]
         if isinstance(outcome, BaseException):
             raise as_provider_error(operation, outcome) from outcome
         return outcome
@@ -309,7 +310,7 @@ class SqliteProvider(Provider):
     ) -> list[ProviderError | None]:
         """Run independent units in one job; per unit ``None`` or its error, in order."""
         units = [unit for unit in prepared if not isinstance(unit, ProviderError)]
-        outcomes = iter(await self._submit(operation, True, units) if units else [])
+        outcomes = iter(await self._submit(operation, DURABLE, units) if units else [])
         results: list[ProviderError | None] = []
         for unit in prepared:
             if isinstance(unit, ProviderError):
@@ -329,7 +330,7 @@ class SqliteProvider(Provider):
             return []
         raw = await self._call(
             "fetch_orchestration_items",
-            True,
+            LIGHT,
             _store.fetch_orchestration,
             limit,
             _ms(lock_timeout),
@@ -375,7 +376,7 @@ class SqliteProvider(Provider):
         """Release an instance lock without committing (see the contract)."""
         await self._call(
             "abandon_orchestration_item",
-            True,
+            LIGHT,
             _store.abandon_orchestration,
             lock_token,
             _ms(delay),
@@ -385,7 +386,7 @@ class SqliteProvider(Provider):
     async def renew_orchestration_lock(self, lock_token: str, lock_timeout: float) -> None:
         """Extend a held instance lock to ``lock_timeout`` seconds from now."""
         await self._call(
-            "renew_orchestration_lock", True, _store.renew_orchestration, lock_token, _ms(lock_timeout)
+            "renew_orchestration_lock", LIGHT, _store.renew_orchestration, lock_token, _ms(lock_timeout)
         )
 
     # -- worker queue ------------------------------------------------------------------------
@@ -395,7 +396,9 @@ class SqliteProvider(Provider):
         if limit <= 0:
             return []
         prefix = self._next_prefix("w")
-        rows = await self._call("fetch_work_items", True, _store.fetch_work, limit, _ms(lock_timeout), prefix)
+        rows = await self._call(
+            "fetch_work_items", LIGHT, _store.fetch_work, limit, _ms(lock_timeout), prefix
+        )
         leases: list[WorkItemLease] = []
         for row_id, instance_id, execution_id, activity_id, payload, attempt_count in rows:
             token = f"{prefix}{row_id}"
@@ -432,7 +435,7 @@ class SqliteProvider(Provider):
     ) -> None:
         """Release a lease without completing (see the contract)."""
         await self._call(
-            "abandon_work_item", True, _store.abandon_work, lock_token, _ms(delay), bool(ignore_attempt)
+            "abandon_work_item", LIGHT, _store.abandon_work, lock_token, _ms(delay), bool(ignore_attempt)
         )
 
     async def renew_work_item_locks(self, lock_tokens: Sequence[str], lock_timeout: float) -> list[bool]:
@@ -446,7 +449,7 @@ class SqliteProvider(Provider):
             except ProviderError:
                 leases.append(None)
         result: list[bool] = await self._call(
-            "renew_work_item_locks", True, _store.renew_work, leases, _ms(lock_timeout)
+            "renew_work_item_locks", LIGHT, _store.renew_work, leases, _ms(lock_timeout)
         )
         return result
 
@@ -460,11 +463,11 @@ class SqliteProvider(Provider):
             rows, wake = self._orchestrator_rows(messages, _store.now_ms())
         except Exception as exc:
             raise as_provider_error("enqueue_orchestrator_messages", exc) from exc
-        await self._call("enqueue_orchestrator_messages", True, _store.enqueue_orchestrator, rows, wake)
+        await self._call("enqueue_orchestrator_messages", DURABLE, _store.enqueue_orchestrator, rows, wake)
 
     async def read_history(self, instance_id: str, execution_id: int | None = None) -> list[Event]:
         """Return the events of one execution (the current one by default), by event id."""
-        rows = await self._call("read_history", False, _store.read_history, instance_id, execution_id)
+        rows = await self._call("read_history", READ, _store.read_history, instance_id, execution_id)
         events: list[Event] = []
         for event_id, payload, stored_execution in rows:
             try:
@@ -502,14 +505,14 @@ class SqliteProvider(Provider):
 
     async def get_instance(self, instance_id: str) -> InstanceInfo | None:
         """Return the instance's stored state, or ``None`` before its first ack."""
-        return _instance(await self._call("get_instance", False, self._read_instance, instance_id))
+        return _instance(await self._call("get_instance", READ, self._read_instance, instance_id))
 
     async def get_custom_status(
         self, instance_id: str, last_seen_version: int
     ) -> tuple[str | None, int] | None:
         """``(custom_status, version)`` if the version is above ``last_seen_version``, else ``None``."""
         row = await self._call(
-            "get_custom_status", False, self._read_custom_status, instance_id, last_seen_version
+            "get_custom_status", READ, self._read_custom_status, instance_id, last_seen_version
         )
         return None if row is None else (row[0], row[1])
 
@@ -536,7 +539,7 @@ class SqliteProvider(Provider):
 
     async def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         """Run one statement on the connection thread in its own transaction (tests, tooling)."""
-        result: list[tuple[Any, ...]] = await self._call("execute", True, _store.execute_sql, sql, params)
+        result: list[tuple[Any, ...]] = await self._call("execute", DURABLE, _store.execute_sql, sql, params)
         return result
 
 
