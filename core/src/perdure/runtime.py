@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +35,7 @@ from perdure.provider import (
     OrchestrationItem,
     Provider,
     ProviderError,
+    Queue,
     WorkItemAck,
     WorkItemLease,
     encode_error,
@@ -97,14 +98,15 @@ class _Batcher(Generic[A]):
         self._flushing = False
         self._flusher: asyncio.Future[None] | None = None
 
-    async def submit(self, items: Sequence[A]) -> list[ProviderError | None]:
+    def submit(self, items: Sequence[A]) -> asyncio.Future[list[ProviderError | None]]:
+        """Queue ``items`` now (the provider call starts before the caller next yields)."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
         self._pending.extend(zip(items, futures, strict=True))
         if not self._flushing:
             self._flushing = True
             self._flusher = asyncio.ensure_future(self._flush())
-        return list(await asyncio.gather(*futures))
+        return asyncio.gather(*futures)
 
     async def _flush(self) -> None:
         try:
@@ -122,6 +124,46 @@ class _Batcher(Generic[A]):
                         future.set_result(result)
         finally:
             self._flushing = False
+
+
+class _Waker:
+    """Wait for work: the provider's wake-up, or a nudge from this runtime.
+
+    When this process produces work for the other dispatcher (a turn that schedules activities,
+    an activity result for an orchestration), it nudges that dispatcher at once instead of
+    waiting for the provider's post-commit signal. The nudged fetch reaches the provider right
+    behind the ack that produced the work, so a provider that serialises calls (SQLite) serves
+    both in one transaction; elsewhere an early fetch at worst finds nothing and waits again.
+    """
+
+    def __init__(self, provider: Provider, queue: Queue) -> None:
+        self._provider = provider
+        self._queue = queue
+        self._nudged = False
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def nudge(self) -> None:
+        """Wake one waiting dispatcher loop (or the next one to wait)."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._nudged = True
+
+    async def wait(self, timeout: float) -> None:
+        if self._nudged:
+            self._nudged = False
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        provider_wait = asyncio.ensure_future(self._provider.wait_for_work(self._queue, timeout))
+        try:
+            await asyncio.wait([waiter, provider_wait], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            provider_wait.cancel()
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
 
 class _EngineCache:
@@ -180,6 +222,8 @@ class Runtime:
         self._activities: dict[str, tuple[asyncio.Task[None], ActivityContext, h.ActivityRef]] = {}
         self._slots: asyncio.Semaphore | None = None
         self._stopping = asyncio.Event()
+        self._orchestrator_waker = _Waker(provider, "orchestrator")
+        self._worker_waker = _Waker(provider, "worker")
         self._pool: ThreadPoolExecutor | None = None
         self._running = False
 
@@ -262,7 +306,7 @@ class Runtime:
                 await self._backoff("fetch orchestration work", exc, failures)
                 continue
             if not items:
-                await self.provider.wait_for_work("orchestrator", options.poll_interval)
+                await self._orchestrator_waker.wait(options.poll_interval)
                 continue
             # Turns on cached or new instances never wait on I/O: run them in line. Only cache
             # misses read history, and those reads run concurrently.
@@ -276,7 +320,7 @@ class Runtime:
                 await self._commit_turns(acks)
             if len(items) < options.orchestration_batch:
                 # We took everything that was ready; sleep until the provider signals more.
-                await self.provider.wait_for_work("orchestrator", options.poll_interval)
+                await self._orchestrator_waker.wait(options.poll_interval)
 
     async def _backoff(self, what: str, error: ProviderError, failures: int) -> None:
         delay = min(0.05 * 2 ** min(failures, 10), self.options.poll_interval * 5)
@@ -287,7 +331,10 @@ class Runtime:
     async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
         pending = acks
         for attempt in range(1, 4):
-            results = await self._orch_acks.submit(pending)
+            submitted = self._orch_acks.submit(pending)
+            if any(ack.worker_items for ack in pending):
+                self._worker_waker.nudge()
+            results = await submitted
             retry: list[OrchestrationAck] = []
             for ack, error in zip(pending, results, strict=True):
                 if error is None:
@@ -575,12 +622,12 @@ class Runtime:
             for _ in range(free - len(leases)):
                 slots.release()
             if not leases:
-                await self.provider.wait_for_work("worker", options.poll_interval)
+                await self._worker_waker.wait(options.poll_interval)
                 continue
             for lease in leases:
                 self._launch(lease)
             if len(leases) < free:
-                await self.provider.wait_for_work("worker", options.poll_interval)
+                await self._worker_waker.wait(options.poll_interval)
 
     def _launch(self, lease: WorkItemLease) -> None:
         ctx = ActivityContext(
@@ -599,7 +646,9 @@ class Runtime:
         try:
             completion = await self._execute(lease, ctx)
             if completion is not None:
-                (error,) = await self._work_acks.submit([WorkItemAck(lease.lock_token, completion)])
+                submitted = self._work_acks.submit([WorkItemAck(lease.lock_token, completion)])
+                self._orchestrator_waker.nudge()
+                (error,) = await submitted
                 if error is not None:
                     _log.info(
                         "result of activity %r for %r discarded (%s): it was cancelled or its lease lapsed",
