@@ -145,9 +145,8 @@ async def start_and_wait(provider: Provider, n: int) -> dict[str, float]:
     starts: dict[str, float] = {}
 
     async def start(i: int) -> None:
-        instance = f"hello-{i}"
-        starts[instance] = time.time()
-        await client.start_orchestration(hello, i, instance_id=instance)
+        began = time.time()
+        starts[await client.start_orchestration(hello, i)] = began
 
     began = time.time()
     await asyncio.gather(*(start(i) for i in range(n)))

@@ -117,7 +117,8 @@ class Client:
         name, pinned = self._orchestration_name(orchestration)
         version = version if version is not None else pinned
         instance = validate_instance_id(instance_id) if instance_id is not None else uuid.uuid4().hex
-        existing = await self.provider.get_instance(instance)
+        # A fresh random id cannot exist yet: only a caller-chosen one needs the look-up.
+        existing = await self.provider.get_instance(instance) if instance_id is not None else None
         if existing is not None:
             if if_exists == "ignore":
                 return instance

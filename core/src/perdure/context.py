@@ -60,7 +60,14 @@ class OrchestrationContext:
     def __init__(self, engine: Engine, registry: Registry) -> None:
         self._engine = engine
         self._registry = registry
-        self.logger: logging.LoggerAdapter[logging.Logger] = ReplaySafeLogger(_log, self)
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that is silent while the orchestration replays (``perdure.orchestration``)."""
+        if self._logger is None:
+            self._logger = ReplaySafeLogger(_log, self)
+        return self._logger
 
     # -- identity and deterministic values ------------------------------------------------------
 

@@ -16,7 +16,11 @@ cache, so a turn on a cached instance reads no history and replays nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,7 +44,7 @@ from perdure.provider import (
     WorkItemLease,
     encode_error,
 )
-from perdure.registry import Registry
+from perdure.registry import ActivityDef, Registry
 from perdure.serialization import dumps, loads
 
 _log = logging.getLogger("perdure.runtime")
@@ -108,6 +112,15 @@ class _Batcher(Generic[A]):
             self._flusher = asyncio.ensure_future(self._flush())
         return asyncio.gather(*futures)
 
+    def submit_one(self, item: A) -> asyncio.Future[ProviderError | None]:
+        """Queue one item; its future resolves with that item's result."""
+        future: asyncio.Future[ProviderError | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if not self._flushing:
+            self._flushing = True
+            self._flusher = asyncio.ensure_future(self._flush())
+        return future
+
     async def _flush(self) -> None:
         try:
             while self._pending:
@@ -166,6 +179,16 @@ class _Waker:
                 self._waiters.remove(waiter)
 
 
+@dataclass(eq=False, slots=True)
+class _Running:
+    """An activity this runtime is executing; ``done`` resolves when its slot is freed."""
+
+    lease: WorkItemLease
+    ctx: ActivityContext
+    done: asyncio.Future[None]
+    task: asyncio.Task[None] | None = None
+
+
 class _EngineCache:
     """A bounded LRU of live engines keyed by instance id, valid for one stored history position."""
 
@@ -219,7 +242,12 @@ class Runtime:
         self._orch_acks: _Batcher[OrchestrationAck] = _Batcher(provider.ack_orchestration_items)
         self._work_acks: _Batcher[WorkItemAck] = _Batcher(provider.ack_work_items)
         self._tasks: list[asyncio.Task[None]] = []
-        self._activities: dict[str, tuple[asyncio.Task[None], ActivityContext, h.ActivityRef]] = {}
+        self._activities: dict[str, _Running] = {}
+        self._by_ref: dict[h.ActivityRef, str] = {}
+        self._thread_lock = threading.Lock()
+        self._thread_done: list[tuple[WorkItemLease, concurrent.futures.Future[Any]]] = []
+        self._drain_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._stopping = asyncio.Event()
         self._orchestrator_waker = _Waker(provider, "orchestrator")
@@ -234,6 +262,7 @@ class Runtime:
         if self._running:
             return
         await self.provider.open()
+        self._loop = asyncio.get_running_loop()
         self._running = True
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(self.options.activity_concurrency)
@@ -263,22 +292,26 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         wait = self.options.shutdown_timeout if timeout is None else timeout
-        running = [task for task, _, _ in self._activities.values()]
+        running = [r.done for r in self._activities.values()]
         if running:
             _done, still = await asyncio.wait(running, timeout=wait)
             if still:
                 # Ask politely first, then stop waiting; the leases go back to the queue.
-                for _task, ctx, _ref in self._activities.values():
-                    ctx._cancel()
+                for entry in self._activities.values():
+                    entry.ctx._cancel()
                 _done, still = await asyncio.wait(still, timeout=_CANCEL_GRACE)
-            for token, (task, _ctx, _ref) in list(self._activities.items()):
-                if task in still:
-                    task.cancel()
+            for entry in list(self._activities.values()):
+                if entry.done in still:
+                    if entry.task is not None:
+                        entry.task.cancel()
+                    self._release(entry.lease)
                     try:
-                        await self.provider.abandon_work_item(token, ignore_attempt=True)
+                        await self.provider.abandon_work_item(entry.lease.lock_token, ignore_attempt=True)
                     except ProviderError as exc:
                         _log.warning("could not release activity lease at shutdown: %s", exc)
-            await asyncio.gather(*still, return_exceptions=True)
+            await asyncio.gather(
+                *(e.task for e in self._activities.values() if e.task), return_exceptions=True
+            )
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -357,9 +390,10 @@ class Runtime:
     def _after_commit(self, ack: OrchestrationAck) -> None:
         """Tell activities of this process that the committed turn cancelled them."""
         for ref in ack.cancelled_activities:
-            for _task, ctx, running_ref in self._activities.values():
-                if running_ref == ref:
-                    ctx._cancel()
+            token = self._by_ref.get(ref)
+            entry = self._activities.get(token) if token is not None else None
+            if entry is not None:
+                entry.ctx._cancel()
 
     async def _abandon_turn(self, lock_token: str, delay: float = 0.0) -> None:
         try:
@@ -630,6 +664,8 @@ class Runtime:
                 await self._worker_waker.wait(options.poll_interval)
 
     def _launch(self, lease: WorkItemLease) -> None:
+        """Start one leased activity: in the thread pool (sync) or as a task (async)."""
+        loop = asyncio.get_running_loop()
         ctx = ActivityContext(
             instance_id=lease.ref.instance_id,
             execution_id=lease.ref.execution_id,
@@ -637,46 +673,32 @@ class Runtime:
             name=lease.item.name if lease.item else "?",
             attempt=lease.attempt_count,
             client=self.client,
-            loop=asyncio.get_running_loop(),
+            loop=loop,
         )
-        task = asyncio.create_task(self._run_activity(lease, ctx))
-        self._activities[lease.lock_token] = (task, ctx, lease.ref)
+        running = _Running(lease, ctx, loop.create_future())
+        self._activities[lease.lock_token] = running
+        self._by_ref[lease.ref] = lease.lock_token
+        prepared = self._prepare(lease, ctx)
+        if isinstance(prepared, float):
+            running.task = asyncio.create_task(self._abandon_activity(lease, prepared))
+        elif not isinstance(prepared, tuple):
+            self._finish(lease, prepared)
+        elif prepared[0].is_async:
+            running.task = asyncio.create_task(self._run_async(lease, *prepared))
+        else:
+            assert self._pool is not None
+            definition, args = prepared
+            future = self._pool.submit(definition.fn, *args)
+            future.add_done_callback(functools.partial(self._from_thread, lease))
 
-    async def _run_activity(self, lease: WorkItemLease, ctx: ActivityContext) -> None:
-        try:
-            completion = await self._execute(lease, ctx)
-            if completion is not None:
-                submitted = self._work_acks.submit([WorkItemAck(lease.lock_token, completion)])
-                self._orchestrator_waker.nudge()
-                (error,) = await submitted
-                if error is not None:
-                    _log.info(
-                        "result of activity %r for %r discarded (%s): it was cancelled or its lease lapsed",
-                        ctx.name,
-                        ctx.instance_id,
-                        error,
-                    )
-        finally:
-            self._activities.pop(lease.lock_token, None)
-            assert self._slots is not None
-            self._slots.release()
-
-    async def _execute(self, lease: WorkItemLease, ctx: ActivityContext) -> h.Message | None:
-        """Run the activity; return its completion message, or None if it was abandoned."""
-        ref = lease.ref
-
-        def failure(details: h.ErrorDetails) -> h.Message:
-            return h.ActivityError(
-                instance_id=ref.instance_id,
-                execution_id=ref.execution_id,
-                source_id=ref.activity_id,
-                error=details,
-            )
-
+    def _prepare(
+        self, lease: WorkItemLease, ctx: ActivityContext
+    ) -> h.Message | float | tuple[ActivityDef, list[Any]]:
+        """What to do with a lease: a completion to send now, a delay to abandon it for, or a call."""
         item = lease.item
         if item is None:
-            return failure(
-                h.ErrorDetails("poison", "UndecodableWorkItem", lease.decode_error or "undecodable")
+            return self._failure(
+                lease, h.ErrorDetails("poison", "UndecodableWorkItem", lease.decode_error or "undecodable")
             )
         definition = self.registry.activity_def(item.name)
         if lease.attempt_count > self.options.max_attempts:
@@ -685,13 +707,14 @@ class Runtime:
                 if definition is None
                 else "it kept crashing"
             )
-            return failure(
+            return self._failure(
+                lease,
                 h.ErrorDetails(
                     "poison",
                     "PoisonMessage",
                     f"activity {item.name!r} was fetched {lease.attempt_count} times without "
                     f"completing: {why}",
-                )
+                ),
             )
         if definition is None:
             delay = min(
@@ -699,32 +722,110 @@ class Runtime:
                 self.options.unknown_name_max_backoff,
             )
             _log.warning("activity %r is not registered here; retrying in %.1f s", item.name, delay)
+            return float(delay)
+        args: list[Any] = [ctx] if definition.takes_context else []
+        if definition.takes_input:
             try:
-                await self.provider.abandon_work_item(lease.lock_token, delay=delay)
-            except ProviderError as exc:
-                _log.debug("abandon failed (the lease will expire instead): %s", exc)
-            return None
-        try:
-            args: list[Any] = [ctx] if definition.takes_context else []
-            if definition.takes_input:
                 args.append(loads(item.input, definition.input_type, what=f"input of activity {item.name!r}"))
-            if definition.is_async:
-                value = await definition.fn(*args)
-            else:
-                loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._pool, lambda: definition.fn(*args))
-            what = f"result of activity {item.name!r}"
-            result = check_payload(dumps(value, what=what), what)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return failure(error_details(exc))
-        return h.ActivityResult(
+            except Exception as exc:
+                return self._failure(lease, error_details(exc))
+        return definition, args
+
+    @staticmethod
+    def _failure(lease: WorkItemLease, details: h.ErrorDetails) -> h.Message:
+        ref = lease.ref
+        return h.ActivityError(
             instance_id=ref.instance_id,
             execution_id=ref.execution_id,
             source_id=ref.activity_id,
-            result=result,
+            error=details,
         )
+
+    def _outcome(self, lease: WorkItemLease, value: Any, error: BaseException | None) -> h.Message:
+        """The completion message for an activity's return value or exception."""
+        if error is None:
+            what = f"result of activity {lease.item.name if lease.item else '?'!r}"
+            try:
+                result = check_payload(dumps(value, what=what), what)
+            except Exception as exc:
+                error = exc
+            else:
+                ref = lease.ref
+                return h.ActivityResult(
+                    instance_id=ref.instance_id,
+                    execution_id=ref.execution_id,
+                    source_id=ref.activity_id,
+                    result=result,
+                )
+        return self._failure(lease, error_details(error))
+
+    async def _run_async(self, lease: WorkItemLease, definition: ActivityDef, args: list[Any]) -> None:
+        try:
+            value = await definition.fn(*args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._finish(lease, self._outcome(lease, None, exc))
+        else:
+            self._finish(lease, self._outcome(lease, value, None))
+
+    def _from_thread(self, lease: WorkItemLease, future: concurrent.futures.Future[Any]) -> None:
+        """Called in a pool thread when a sync activity returns: hand the outcome to the loop.
+
+        Outcomes are queued and the loop is woken once per burst, not once per activity.
+        """
+        with self._thread_lock:
+            self._thread_done.append((lease, future))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the lease will lapse
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._drain_threads)
+
+    def _drain_threads(self) -> None:
+        with self._thread_lock:
+            done, self._thread_done = self._thread_done, []
+            self._drain_scheduled = False
+        for lease, future in done:
+            error = future.exception()
+            self._finish(lease, self._outcome(lease, None if error else future.result(), error))
+
+    async def _abandon_activity(self, lease: WorkItemLease, delay: float) -> None:
+        try:
+            await self.provider.abandon_work_item(lease.lock_token, delay=delay)
+        except ProviderError as exc:
+            _log.debug("abandon failed (the lease will expire instead): %s", exc)
+        self._release(lease)
+
+    def _finish(self, lease: WorkItemLease, completion: h.Message) -> None:
+        """Ack the activity with its completion (batched with others) and free its slot."""
+        if lease.lock_token not in self._activities:
+            return  # released at shutdown; its lease went back to the queue
+        acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion))
+        self._orchestrator_waker.nudge()
+        acked.add_done_callback(functools.partial(self._acked, lease))
+
+    def _acked(self, lease: WorkItemLease, acked: asyncio.Future[ProviderError | None]) -> None:
+        error = acked.result()
+        if error is not None:
+            _log.info(
+                "result of activity %r for %r discarded (%s): it was cancelled or its lease lapsed",
+                lease.item.name if lease.item else "?",
+                lease.ref.instance_id,
+                error,
+            )
+        self._release(lease)
+
+    def _release(self, lease: WorkItemLease) -> None:
+        running = self._activities.pop(lease.lock_token, None)
+        if running is None:
+            return
+        self._by_ref.pop(lease.ref, None)
+        if not running.done.done():
+            running.done.set_result(None)
+        assert self._slots is not None
+        self._slots.release()
 
     async def _renewal_loop(self) -> None:
         """Renew the leases of running activities; a lost lease is the cancel signal."""
@@ -742,7 +843,7 @@ class Runtime:
             for token, ok in zip(tokens, held, strict=True):
                 entry = self._activities.get(token)
                 if not ok and entry is not None:
-                    entry[1]._cancel()
+                    entry.ctx._cancel()
 
 
 def _parent_error(parent: h.ParentRef, details: h.ErrorDetails) -> h.Message:
