@@ -53,6 +53,8 @@ A = TypeVar("A")
 
 #: Seconds a cancelled activity gets to stop by itself at shutdown before it is abandoned.
 _CANCEL_GRACE = 1.0
+#: Tries of an ack that fails with a retryable error before the work is left to run again.
+_ACK_ATTEMPTS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +365,7 @@ class Runtime:
 
     async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
         pending = acks
-        for attempt in range(1, 4):
+        for attempt in range(1, _ACK_ATTEMPTS + 1):
             submitted = self._orch_acks.submit(pending)
             if any(ack.worker_items for ack in pending):
                 self._worker_waker.nudge()
@@ -374,7 +376,7 @@ class Runtime:
                     self._after_commit(ack)
                     continue
                 self._cache.evict(ack.instance_id)
-                if error.retryable and attempt < 3:
+                if error.retryable and attempt < _ACK_ATTEMPTS:
                     retry.append(ack)
                 else:
                     _log.warning(
@@ -798,16 +800,28 @@ class Runtime:
             _log.debug("abandon failed (the lease will expire instead): %s", exc)
         self._release(lease)
 
-    def _finish(self, lease: WorkItemLease, completion: h.Message) -> None:
+    def _finish(self, lease: WorkItemLease, completion: h.Message, attempt: int = 1) -> None:
         """Ack the activity with its completion (batched with others) and free its slot."""
         if lease.lock_token not in self._activities:
             return  # released at shutdown; its lease went back to the queue
         acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion))
         self._orchestrator_waker.nudge()
-        acked.add_done_callback(functools.partial(self._acked, lease))
+        acked.add_done_callback(functools.partial(self._acked, lease, completion, attempt))
 
-    def _acked(self, lease: WorkItemLease, acked: asyncio.Future[ProviderError | None]) -> None:
+    def _acked(
+        self,
+        lease: WorkItemLease,
+        completion: h.Message,
+        attempt: int,
+        acked: asyncio.Future[ProviderError | None],
+    ) -> None:
         error = acked.result()
+        if error is not None and error.retryable and attempt < _ACK_ATTEMPTS and self._running:
+            # A blip (busy store, dropped connection): the lease is likely still ours, so retry
+            # rather than let the activity run again after the lease lapses.
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.05 * attempt, self._finish, lease, completion, attempt + 1)
+            return
         if error is not None:
             _log.info(
                 "result of activity %r for %r discarded (%s): it was cancelled or its lease lapsed",
