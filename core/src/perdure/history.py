@@ -443,6 +443,8 @@ _MESSAGE_TYPES: dict[str, type[Any]] = {
 }
 
 _NESTED: dict[str, type[Any]] = {"error": ErrorDetails, "parent": ParentRef}
+#: One shared compact encoder: ``json.dumps`` with options builds a new one on every call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
 _FIELDS: dict[type[Any], tuple[str, ...]] = {}
 
 T = TypeVar("T")
@@ -493,7 +495,7 @@ def encode_event(event: Event) -> str:
     """Serialise one history event to JSON text (with the schema version)."""
     data = _to_dict(event)
     data["v"] = SCHEMA_VERSION
-    return json.dumps(data, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 def decode_event(text: str | bytes) -> Event:
@@ -509,7 +511,7 @@ def encode_message(message: Message | ActivityExecute) -> str:
     """Serialise one queue message to JSON text (with the schema version)."""
     data = _to_dict(message)
     data["v"] = SCHEMA_VERSION
-    return json.dumps(data, separators=(",", ":"))
+    return _ENCODER.encode(data)
 
 
 def decode_message(text: str | bytes) -> Message | ActivityExecute:
