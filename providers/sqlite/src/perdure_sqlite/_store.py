@@ -205,10 +205,11 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
     execute(_DELETE_TAGGED, (instance_id, ack.lock_token))
     status = ack.status
     if ack.history or status is not None or ack.custom_status_changed:
-        _apply_instance(connection, ack, now)
+        execution_exists = _apply_instance(connection, ack, now)
         execution_id = ack.execution_id
         if status is None:
-            execute(_INSERT_EXECUTION, (instance_id, execution_id, now))
+            if not execution_exists:
+                execute(_INSERT_EXECUTION, (instance_id, execution_id, now))
         else:
             completed = None if status == "running" else now
             execute(_UPSERT_EXECUTION, (instance_id, execution_id, status, ack.output, now, completed))
@@ -229,8 +230,11 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
         effects.append((FX_INSTANCE, instance_id))
 
 
-def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> None:
-    """Create the instance, or move it to the ack's execution, status and custom status."""
+def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> bool:
+    """Create the instance, or move it to the ack's execution, status and custom status.
+
+    Returns True if the ack's execution is the instance's current one (so its row exists).
+    """
     instance_id = ack.instance_id
     status = ack.status
     changed = ack.custom_status_changed
@@ -253,8 +257,9 @@ def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> N
                 now,
             ),
         )
-        return
+        return False
     name, version, current, last_event_id = row
+    stored_execution: int = current
     set_output = status is not None
     if ack.execution_id > current:  # the first ack of a new execution (continue-as-new)
         name, version, current, last_event_id = ack.name, ack.version, ack.execution_id, ack.max_event_id
@@ -282,6 +287,7 @@ def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> N
             instance_id,
         ),
     )
+    return ack.execution_id == stored_execution
 
 
 def enqueue_orchestrator(
