@@ -72,6 +72,8 @@ async def test_a_lock_held_beyond_the_retry_limit_gives_a_retryable_error(tmp_pa
             with pytest.raises(ProviderError) as info:
                 await db.enqueue_orchestrator_messages([start("a")])
             assert info.value.retryable
+            assert info.value.operation == "enqueue_orchestrator_messages"
+            assert "locked" in info.value.message
         finally:
             blocker.rollback()
             blocker.close()

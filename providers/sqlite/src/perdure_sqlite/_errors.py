@@ -24,6 +24,10 @@ _BUSY_CODES = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 _CORRUPT_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 
+class BusyTimeout(Exception):
+    """The database stayed locked by another connection for longer than the retry limit."""
+
+
 def _primary_code(exc: sqlite3.Error) -> int | None:
     code = getattr(exc, "sqlite_errorcode", None)
     return None if code is None else code & 0xFF
@@ -51,6 +55,8 @@ def as_provider_error(operation: str, exc: BaseException) -> ProviderError:
     """Translate anything raised while serving ``operation`` into a :class:`ProviderError`."""
     if isinstance(exc, ProviderError):
         return exc
+    if isinstance(exc, BusyTimeout):
+        return ProviderError(operation, str(exc), retryable=True)
     if isinstance(exc, sqlite3.IntegrityError):
         text = str(exc)
         if "history." in text:

@@ -30,8 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from perdure.provider import ProviderError
-from perdure_sqlite._errors import is_busy, is_transaction_fatal
+from perdure_sqlite._errors import BusyTimeout, is_busy, is_transaction_fatal
 
 #: A unit of work: ``fn(connection, effects, *args)`` runs on the connection thread.
 Unit = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -288,11 +287,9 @@ class ConnectionThread:
             time.sleep(pause)
             pause = min(pause * 2, 0.25)
 
-    def _busy_error(self) -> ProviderError:
-        return ProviderError(
-            "sqlite",
-            f"the database stayed locked by another connection for {self._busy_retry_limit:g}s",
-            retryable=True,
+    def _busy_error(self) -> BusyTimeout:
+        return BusyTimeout(
+            f"the database stayed locked by another connection for {self._busy_retry_limit:g}s"
         )
 
     def _write(self, connection: sqlite3.Connection, jobs: list[Job]) -> tuple[list[list[Any]], Effects]:
