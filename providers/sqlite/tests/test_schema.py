@@ -113,11 +113,39 @@ def test_alembic_cli_configuration_upgrades_from_empty(tmp_path: Path) -> None:
     assert _tables(path) == EXPECTED_TABLES
 
 
+def test_every_revision_upgrades_to_head_and_back(tmp_path: Path) -> None:
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    revisions = [r.revision for r in ScriptDirectory(str(migrations_path())).walk_revisions()]
+    for revision in revisions:
+        path = tmp_path / f"from-{revision}.db"
+        config = _alembic_config(path)
+        command.upgrade(config, revision)  # type: ignore[arg-type]
+        assert migrate(path) == SCHEMA_REVISION
+        assert _tables(path) == EXPECTED_TABLES
+        command.downgrade(config, "base")  # type: ignore[arg-type]
+        assert _tables(path) == {"alembic_version"}
+
+
 def test_concurrent_migrations_all_succeed(tmp_path: Path) -> None:
     path = tmp_path / "race.db"
     with ThreadPoolExecutor(6) as pool:
         revisions = list(pool.map(lambda _: migrate(path), range(6)))
     assert revisions == [SCHEMA_REVISION] * 6
+    assert _tables(path) == EXPECTED_TABLES
+
+
+def test_concurrent_migrations_from_several_processes_all_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "race.db"
+    script = "import sys; from perdure_sqlite import migrate; print(migrate(sys.argv[1]))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4
+    assert outputs == [SCHEMA_REVISION] * 4
     assert _tables(path) == EXPECTED_TABLES
 
 
