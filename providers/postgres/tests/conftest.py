@@ -31,8 +31,12 @@ PG_USER = os.environ.get("PERDURE_PG_USER", "postgres")
 PG_PASSWORD = os.environ.get("PERDURE_PG_PASSWORD", "")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+#: One database (and one template) per test session, so concurrent sessions on one server (two
+#: developers, CI next to a local run, xdist workers) never drop each other's databases.
+SESSION_DB = f"perdure_pg_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
 postgresql_noproc = factories.postgresql_noproc(
-    host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD, dbname="perdure_pg_test"
+    host=PG_HOST, port=PG_PORT, user=PG_USER, password=PG_PASSWORD, dbname=SESSION_DB
 )
 
 
@@ -76,7 +80,6 @@ def pg_dsn(pg_server: NoopExecutor) -> Iterator[str]:
         template_dbname=pg_server.template_dbname,
         maintenance_dbname=pg_server.maintenance_dbname,
     )
-    janitor.drop()  # a previous run that crashed may have left it behind
     with janitor:
         parts = [
             f"host={pg_server.host}",

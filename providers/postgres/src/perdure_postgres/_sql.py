@@ -184,13 +184,8 @@ dq AS (
     DELETE FROM {s}.orchestrator_queue q USING lk
     WHERE q.instance_id = lk.instance_id AND q.lock_token = lk.token
     RETURNING 1
-),
-n AS (
-    SELECT pg_notify(n.channel, n.payload)
-    FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
-    WHERE EXISTS (SELECT 1 FROM lk)
 )
-SELECT (SELECT array_agg(idx) FROM lk), (SELECT count(*) FROM n)
+SELECT array_agg(idx) FROM lk
 """
 
 _ABANDON_ORCHESTRATION = """
@@ -210,10 +205,7 @@ upd AS (
     WHERE q.instance_id = lk.instance_id AND q.lock_token = %(token)b::text
     RETURNING 1
 )
-SELECT count(*),
-       CASE WHEN count(*) > 0 AND %(payload)b::text IS NOT NULL
-            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
-FROM lk
+SELECT count(*) FROM lk
 """
 
 _RENEW_ORCHESTRATION = """
@@ -256,9 +248,7 @@ ins AS (
     WHERE a.data IS NOT NULL
     RETURNING 1
 )
-SELECT (SELECT array_agg(id) FROM d),
-       CASE WHEN EXISTS (SELECT 1 FROM ins) AND %(payload)b::text IS NOT NULL
-            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
+SELECT (SELECT array_agg(id) FROM d)
 """
 
 _ABANDON_WORK = """
@@ -273,10 +263,7 @@ WITH u AS (
     WHERE id = %(id)b::bigint AND lock_token = %(token)b::text AND locked_until_ms > {now}
     RETURNING 1
 )
-SELECT count(*),
-       CASE WHEN count(*) > 0 AND %(payload)b::text IS NOT NULL
-            THEN pg_notify(%(channel)b::text, %(payload)b::text) END
-FROM u
+SELECT count(*) FROM u
 """
 
 _RENEW_WORK = """
@@ -287,14 +274,17 @@ RETURNING w.lock_token
 """
 
 _ENQUEUE_ORCHESTRATOR = """
-WITH ins AS (
-    INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
-    SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
-    FROM unnest(%(insts)b::text[], %(datas)b::text[], %(vis)b::bigint[])
-        AS o(instance_id, data, visible_at_ms)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM ins), pg_notify(n.channel, n.payload)
+INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
+SELECT o.instance_id, o.data, coalesce(o.visible_at_ms, {now}), {now}
+FROM unnest(%(insts)b::text[], %(datas)b::text[], %(vis)b::bigint[]) AS o(instance_id, data, visible_at_ms)
+"""
+
+# Sent after the data is committed, in a transaction of its own that does not wait for its commit
+# record to reach disk: NOTIFY holds a database-wide lock from its queue insertion until the end of
+# commit, so a NOTIFY inside a durable write transaction would serialise every committing writer
+# behind one WAL flush each (reliability.md 4.4). A lost notification only delays a wake-up.
+_NOTIFY = """
+SELECT set_config('synchronous_commit', 'off', true), pg_notify(n.channel, n.payload)
 FROM unnest(%(channels)b::text[], %(payloads)b::text[]) AS n(channel, payload)
 """
 
@@ -335,6 +325,7 @@ class Statements:
     abandon_work: bytes
     renew_work: bytes
     enqueue_orchestrator: bytes
+    notify: bytes
     read_history: bytes
     get_instance: bytes
     get_custom_status: bytes
@@ -361,6 +352,7 @@ class Statements:
             abandon_work=render(_ABANDON_WORK),
             renew_work=render(_RENEW_WORK),
             enqueue_orchestrator=render(_ENQUEUE_ORCHESTRATOR),
+            notify=render(_NOTIFY),
             read_history=render(_READ_HISTORY),
             get_instance=render(_GET_INSTANCE),
             get_custom_status=render(_GET_CUSTOM_STATUS),

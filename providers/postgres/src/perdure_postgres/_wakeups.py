@@ -13,9 +13,11 @@ fallback poll), never correctness. The pieces:
   waiter, since notifications sent while it was away are lost. A health query runs after a quiet
   period so a silently dead socket is noticed.
 
-Payloads are tiny (``reference/reliability.md`` 4.4): on the work channel ``"w"`` (worker work
-now), ``"o"`` (orchestrator work now), ``"o@<ms>"`` (work now and a timer due at ``<ms>``),
-``"@<ms>"`` (only a timer due at ``<ms>``); on the instance channel, the instance id.
+Payloads are tiny (``reference/reliability.md`` 4.4): ``<sender>:<body>``, where ``<sender>`` is a
+random id of the sending provider object (a listener ignores its own notifications: its hub was
+told directly) and ``<body>`` is, on the work channel, ``"w"`` (worker work now), ``"o"``
+(orchestrator work now), ``"o@<ms>"`` (work now and a timer due at ``<ms>``) or ``"@<ms>"`` (only a
+timer due at ``<ms>``); on the instance channel, the instance id.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import heapq
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 import psycopg
@@ -190,6 +193,7 @@ class Listener:
         work_channel: str,
         instance_channel: str,
         hub: WakeHub,
+        sender: str = "",
         connect_timeout: float = 5.0,
         tick: float = 0.25,
         health_interval: float = 5.0,
@@ -201,6 +205,7 @@ class Listener:
         self._work_channel = work_channel
         self._instance_channel = instance_channel
         self._hub = hub
+        self._sender = sender
         self._connect_timeout = connect_timeout
         self._tick = tick
         self._health_interval = health_interval
@@ -248,9 +253,7 @@ class Listener:
         self._closing = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await stop_task(task)
         await self._close_conn()
 
     async def _close_conn(self) -> None:
@@ -288,9 +291,8 @@ class Listener:
                     # Anything committed while we were not listening went unheard.
                     self._hub.everything()
                 await self._pump(conn)
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
+                raise_if_cancelling(exc)
                 if not self._closing:
                     logger.warning("perdure-postgres listener connection lost (%s); reconnecting", exc)
             finally:
@@ -306,16 +308,162 @@ class Listener:
             received = False
             async for notify in conn.notifies(timeout=self._tick):
                 received = True
+                sender, _, body = notify.payload.partition(":")
+                if sender == self._sender:
+                    continue  # our own commit: the hub was told directly, without a round trip
                 if notify.channel == self._work_channel:
-                    self._hub.handle_payload(notify.payload)
+                    self._hub.handle_payload(body)
                 elif notify.channel == self._instance_channel:
-                    self._hub.instance_changed(notify.payload)
+                    self._hub.instance_changed(body)
             if conn.closed or conn.broken:
                 raise psycopg.OperationalError("listener connection closed")
             quiet = 0.0 if received else quiet + self._tick
             if quiet >= self._health_interval:
                 quiet = 0.0
                 await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self._connect_timeout)
+
+
+class Notifier:
+    """Sends the NOTIFYs of committed work, coalesced, one small statement at a time.
+
+    The provider posts what each commit produced; a background task sends everything posted
+    since its previous statement in one statement, so a busy process sends far fewer
+    notifications than it commits transactions, and never from inside a durable write
+    transaction (see ``_sql._NOTIFY``). Failures are logged and dropped: waiters then fall back
+    to polling.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[str], list[str]], Awaitable[None]],
+        *,
+        work_channel: str,
+        instance_channel: str,
+        sender: str = "",
+        max_timers: int = 100,
+    ) -> None:
+        self._send = send
+        self._sender = sender
+        self._work_channel = work_channel
+        self._instance_channel = instance_channel
+        self._max_timers = max_timers
+        self._worker = False
+        self._orchestrator = False
+        self._timers: set[int] = set()
+        self._instances: set[str] = set()
+        self._posted = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        #: Statements sent (for tests and diagnostics).
+        self.sent = 0
+
+    def start(self) -> None:
+        """Start the background task (idempotent)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="perdure-postgres-notifier")
+
+    async def stop(self) -> None:
+        """Send what is pending (briefly), then stop the task."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        if self._pending():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flushed(), 1.0)
+        self._closing = True
+        self._posted.set()
+        await stop_task(task)
+
+    def post(
+        self,
+        *,
+        worker: bool = False,
+        orchestrator_now: bool = False,
+        timers: Iterable[int] = (),
+        instances: Iterable[str] = (),
+    ) -> None:
+        """Record what a commit produced; the task notifies it soon."""
+        self._worker |= worker
+        self._orchestrator |= orchestrator_now
+        self._timers.update(timers)
+        self._instances.update(i for i in instances if len(i.encode()) <= MAX_NOTIFY_PAYLOAD)
+        if self._pending():
+            self._idle.clear()
+            self._posted.set()
+
+    async def flushed(self) -> None:
+        """Wait until everything posted so far has been sent (or dropped after a failure)."""
+        await self._idle.wait()
+
+    def _pending(self) -> bool:
+        return self._worker or self._orchestrator or bool(self._timers) or bool(self._instances)
+
+    def _drain(self) -> tuple[list[str], list[str]]:
+        timers = sorted(self._timers)[: self._max_timers]
+        payloads = make_payloads(
+            worker=self._worker,
+            orchestrator_now=self._orchestrator,
+            earliest_timer_ms=timers[0] if timers else None,
+        )
+        payloads.extend(f"@{at}" for at in timers[1:])
+        channels = [self._work_channel] * len(payloads)
+        channels.extend([self._instance_channel] * len(self._instances))
+        payloads.extend(sorted(self._instances))
+        payloads = [f"{self._sender}:{payload}" for payload in payloads]
+        self._worker = self._orchestrator = False
+        self._timers = set()
+        self._instances = set()
+        return channels, payloads
+
+    async def _run(self) -> None:
+        while True:
+            await self._posted.wait()
+            self._posted.clear()
+            if self._closing:
+                return
+            channels, payloads = self._drain()
+            if payloads:
+                try:
+                    await self._send(channels, payloads)
+                    self.sent += 1
+                except Exception as exc:
+                    raise_if_cancelling(exc)
+                    logger.debug("perdure-postgres: notification dropped (%s)", exc)
+            if not self._pending():
+                self._idle.set()
+
+
+async def stop_task(task: asyncio.Task[Any], timeout: float = 2.0) -> None:
+    """Cancel ``task`` and wait for it to end, without trusting one cancellation to land.
+
+    On Python 3.11 ``asyncio.wait_for`` (used inside psycopg_pool) can swallow a cancellation
+    that arrives just as its inner wait completes; the stopped tasks also watch a closing flag,
+    and a cancellation is repeated until the task is gone.
+    """
+    for _ in range(5):
+        if task.done():
+            break
+        task.cancel()
+        await asyncio.wait({task}, timeout=timeout / 5)
+    if not task.done():
+        logger.warning("perdure-postgres: background task %s did not stop", task.get_name())
+        return
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("perdure-postgres: background task %s ended with %r", task.get_name(), task.exception())
+
+
+def raise_if_cancelling(exc: BaseException) -> None:
+    """Re-raise a cancellation that a driver turned into an ordinary error.
+
+    psycopg answers a cancelled wait by cancelling the query on the server, and what surfaces
+    may be the server's error rather than :class:`asyncio.CancelledError`; swallowing it would
+    leave a task that was asked to stop running forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def channel_names(schema: str) -> tuple[str, str]:
@@ -342,4 +490,4 @@ def make_payloads(*, worker: bool, orchestrator_now: bool, earliest_timer_ms: in
     return payloads
 
 
-__all__ = ["Listener", "WakeHub", "channel_names", "make_payloads"]
+__all__ = ["Listener", "Notifier", "WakeHub", "channel_names", "make_payloads", "raise_if_cancelling"]
