@@ -6,6 +6,7 @@ import importlib.util
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -159,32 +160,54 @@ def test_migrations_are_found() -> None:
     assert (migrations_path() / "versions").is_dir()
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("hatchling") is None, reason="building the wheel needs hatchling"
-)
-def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
-    out = tmp_path / "wheelhouse"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out),
-            str(PACKAGE_ROOT),
-        ],
-        check=True,
-        timeout=300,
-    )
-    [wheel] = list(out.glob("perdure_sqlite-0.1.0-*.whl"))
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert "perdure_sqlite/migrations/env.py" in names
-    assert "perdure_sqlite/migrations/versions/0001_initial_schema.py" in names
+def _migration_files() -> set[str]:
+    root = migrations_path()
+    files = [root / "env.py", root / "script.py.mako", root / "alembic.ini", *root.glob("versions/*.py")]
+    return {path.relative_to(root).as_posix() for path in files}
+
+
+def _wheel_migrations(wheel: Path) -> set[str]:
+    prefix = "perdure_sqlite/migrations/"
+    names = zipfile.ZipFile(wheel).namelist()
     assert "perdure_sqlite/py.typed" in names
     entry_points = zipfile.ZipFile(wheel).read("perdure_sqlite-0.1.0.dist-info/entry_points.txt").decode()
     assert "[perdure.providers]" in entry_points
     assert "sqlite = perdure_sqlite:from_url" in entry_points
+    return {name.removeprefix(prefix) for name in names if name.startswith(prefix)}
+
+
+NEEDS_HATCHLING = pytest.mark.skipif(
+    importlib.util.find_spec("hatchling") is None, reason="building the wheel needs hatchling"
+)
+
+
+@NEEDS_HATCHLING
+def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    out = tmp_path / "wheelhouse"
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(out),
+    ]
+    subprocess.run([*command, str(PACKAGE_ROOT)], check=True, timeout=300)
+    [wheel] = list(out.glob("perdure_sqlite-0.1.0-*.whl"))
+    assert _wheel_migrations(wheel) == _migration_files()  # exactly these: no __pycache__, no strays
+
+
+@NEEDS_HATCHLING
+def test_a_wheel_built_from_the_sdist_ships_the_migrations(tmp_path: Path) -> None:
+    from hatchling.builders.sdist import SdistBuilder
+    from hatchling.builders.wheel import WheelBuilder
+
+    [sdist] = list(SdistBuilder(str(PACKAGE_ROOT)).build(directory=str(tmp_path / "sdist")))
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path / "unpacked", filter="data")
+    [unpacked] = list((tmp_path / "unpacked").iterdir())
+    [wheel] = list(WheelBuilder(str(unpacked)).build(directory=str(tmp_path / "wheel")))
+    assert _wheel_migrations(Path(wheel)) == _migration_files()
