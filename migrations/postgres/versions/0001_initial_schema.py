@@ -74,7 +74,6 @@ def upgrade() -> None:
         )
         """
     )
-    op.execute(f"CREATE INDEX executions_status_idx ON {s}.executions (status, updated_at_ms)")
     # Append-only: the primary key is what rejects a duplicate event id.
     op.execute(
         f"""

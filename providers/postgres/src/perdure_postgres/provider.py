@@ -118,9 +118,9 @@ from perdure_postgres._sql import Statements
 from perdure_postgres._wakeups import Listener, Notifier, WakeHub, channel_names, raise_if_cancelling
 from perdure_postgres.schema import (
     DEFAULT_SCHEMA,
+    HEAD_REVISION,
     SchemaState,
     advisory_key,
-    head_revision,
     migrate,
     schema_error,
     validate_schema,
@@ -338,7 +338,7 @@ class PostgresProvider(Provider):
                     row = None
         except Exception as exc:
             raise _errors.to_provider_error("open", exc, schema=self.schema) from exc
-        return SchemaState(current=row[0] if row else None, head=head_revision())
+        return SchemaState(current=row[0] if row else None, head=HEAD_REVISION)
 
     async def _configure_connection(self, conn: Conn) -> None:
         # Every Python int travels as int8: one prepared statement (and plan) per query, not
