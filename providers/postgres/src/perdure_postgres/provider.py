@@ -33,6 +33,15 @@ Orchestrator queue (peek-lock per instance)
     lost a race while other work is eligible (``reference/reliability.md`` 4.1). History is not
     read at fetch; the runtime reads it on a cache miss.
 
+    Why not ``FOR UPDATE SKIP LOCKED`` here, as on the worker queue: the claim is per *instance*,
+    and an instance's lock row does not exist before its first claim (instances are created only
+    by acks), so there is no row to skip. Skipping locked *message* rows instead lets two fetchers
+    take different messages of one instance and then queue on its lock row, or deadlock when each
+    claims several instances. The transaction-scoped advisory try-lock is the SKIP LOCKED of a
+    row that does not exist yet; the lock row's upsert stays the arbiter, so a hash collision or
+    an extra evaluation of the try-lock can only make a fetcher skip a candidate for the few
+    milliseconds of another fetch, never double-claim.
+
 Acks
     One statement per ack: its first step deletes the instance lock row *if the token matches and
     the lease has not expired*, and every other step joins that step's result, so an invalid lock
