@@ -321,6 +321,14 @@ async def test_hostile_instance_ids_round_trip_unchanged(db: SqliteProvider, ins
     assert await db._execute("SELECT count(*) FROM instances") == [(1,)]
 
 
+async def test_an_unstorable_instance_id_is_rejected_permanently(db: SqliteProvider) -> None:
+    with pytest.raises(ProviderError) as info:
+        await db.enqueue_orchestrator_messages([start("lone \ud800 surrogate")])
+    assert not info.value.retryable
+    assert await db.fetch_orchestration_items(5, LOCK) == []
+    await db.enqueue_orchestrator_messages([start("fine")])  # the provider carries on
+
+
 async def test_odd_payloads_round_trip(db: SqliteProvider) -> None:
     data = ["", "null", '"Hello, 世界!"', '"\\u0000"', '"' + "y" * 1_000_000 + '"']
     await db.enqueue_orchestrator_messages(
