@@ -67,9 +67,11 @@ class SqliteProvider(Provider):
     :param path: the database file (created if missing), or ``":memory:"`` for a private
         in-memory database that lives as long as the provider (nothing is durable).
     :param durability: ``"full"`` (default) sets ``synchronous=FULL``: the WAL is fsynced at
-        every commit that carries an enqueue or an ack, so an acknowledged enqueue or turn
-        survives power loss (a commit of only lease moves, i.e. fetches, renewals and abandons,
-        skips the fsync: losing one to a power cut only means a lease is taken again).
+        every commit that carries an enqueue or a turn's ack, so an acknowledged enqueue or turn
+        survives power loss. Commits of only fetches, renewals, abandons and activity acks skip
+        the fsync: losing them to a power cut only means a lease is taken again or an activity
+        runs again (activities are at-least-once), and the next durable commit's fsync covers
+        them, so no turn survives while a result it consumed is lost.
         ``"fast"`` sets ``synchronous=NORMAL``: commits survive a crash of the process, but the
         last transactions may be lost on power loss or an OS crash (the database stays
         consistent); commits are several times cheaper.
@@ -309,11 +311,11 @@ class SqliteProvider(Provider):
         )
 
     async def _call_each(
-        self, operation: str, prepared: list[Unit | ProviderError]
+        self, operation: str, prepared: list[Unit | ProviderError], kind: int = DURABLE
     ) -> list[ProviderError | None]:
         """Run independent units in one job; per unit ``None`` or its error, in order."""
         units = [unit for unit in prepared if not isinstance(unit, ProviderError)]
-        outcomes = iter(await self._submit(operation, DURABLE, units) if units else [])
+        outcomes = iter(await self._submit(operation, kind, units) if units else [])
         results: list[ProviderError | None] = []
         for unit in prepared:
             if isinstance(unit, ProviderError):
@@ -431,7 +433,10 @@ class SqliteProvider(Provider):
                 prepared.append((_store.ack_work, (row_id, ack.lock_token, completion, wake)))
             except Exception as exc:
                 prepared.append(as_provider_error("ack_work_items", exc))
-        return await self._call_each("ack_work_items", prepared)
+        # Light: an activity result lost to a power cut only means the activity runs again (they
+        # are at-least-once); the turn that consumes the result commits durably, and its fsync
+        # covers this commit too, so no turn can survive while the result it used is lost.
+        return await self._call_each("ack_work_items", prepared, LIGHT)
 
     async def abandon_work_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
