@@ -70,12 +70,13 @@ items AS (
     LEFT JOIN tagged t ON t.instance_id = k.instance_id
     GROUP BY k.instance_id, k.lock_token, w.rn
 )
-SELECT c.scanned, c.tried,
+SELECT c.scanned, c.tried, c.candidates,
        it.instance_id, it.lock_token, it.attempt_count, it.ids, it.datas,
        e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
        i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
 FROM (SELECT (SELECT count(*) FROM scan) AS scanned,
-             (SELECT array_agg(instance_id) FROM won) AS tried) c
+             (SELECT array_agg(instance_id) FROM won) AS tried,
+             (SELECT array_agg(instance_id) FROM cand) AS candidates) c
 LEFT JOIN items it ON true
 LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
 LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id

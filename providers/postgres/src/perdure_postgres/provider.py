@@ -530,12 +530,21 @@ class PostgresProvider(Provider):
                 items, empty_tokens = self._build_items(rows)
                 if empty_tokens:
                     await _execute(conn, self._sql.release_empty_locks, {"tokens": empty_tokens})
-                scanned, tried = rows[0][0], rows[0][1] or []
+                scanned, tried, candidates = rows[0][0], rows[0][1] or [], rows[0][2] or []
                 if items or scanned == 0:
                     return items
-                # Visible work existed but we won none of it: the instances we tried were locked
-                # by fetchers that committed after our snapshot. Look again, past those.
-                exclude.extend(tried)
+                if tried:
+                    # We won advisory locks but not the lock rows: those instances were claimed
+                    # by fetchers that committed after our snapshot. Look again, past them.
+                    exclude.extend(tried)
+                elif scanned >= scan:
+                    # Every candidate in the window is being claimed by another fetcher right
+                    # now, and the window was full: eligible work may lie beyond it.
+                    exclude.extend(candidates)
+                else:
+                    # Every visible message belongs to an instance another fetcher is claiming
+                    # at this moment: there is no other eligible work.
+                    return []
             return []
 
         return await self._run("fetch_orchestration_items", body)
@@ -547,6 +556,7 @@ class PostgresProvider(Provider):
         for row in rows:
             (
                 _scanned,
+                _tried,
                 _candidates,
                 instance_id,
                 token,
