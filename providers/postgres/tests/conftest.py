@@ -1,9 +1,10 @@
 """Fixtures: a real PostgreSQL server (pytest-postgresql's ``postgresql_noproc``), one database per
 test session and one fresh schema per test.
 
-The server comes from ``PERDURE_PG_HOST``/``PERDURE_PG_PORT``/``PERDURE_PG_USER``/``PERDURE_PG_PASSWORD``
-(default ``postgres@127.0.0.1:5432``). If it cannot be reached the tests are skipped with a loud
-reason, except under ``CI=true``, where they fail: CI must never pass by skipping them.
+The server comes from ``PERDURE_PG_URL`` and/or ``PERDURE_PG_HOST``/``PERDURE_PG_PORT``/
+``PERDURE_PG_USER``/``PERDURE_PG_PASSWORD`` (default ``postgres@127.0.0.1:5432``). If it cannot be
+reached the tests are skipped with a loud reason, except under ``CI=true``, where they fail: CI
+must never pass by skipping them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from pytest_postgresql import factories
 from pytest_postgresql.executors import NoopExecutor
 from pytest_postgresql.janitor import DatabaseJanitor
@@ -25,10 +27,13 @@ from perdure_provider_tests import ProviderFactory
 
 pytest_plugins = ["perdure_provider_tests.plugin"]
 
-PG_HOST = os.environ.get("PERDURE_PG_HOST", "127.0.0.1")
-PG_PORT = int(os.environ.get("PERDURE_PG_PORT", "5432"))
-PG_USER = os.environ.get("PERDURE_PG_USER", "postgres")
-PG_PASSWORD = os.environ.get("PERDURE_PG_PASSWORD", "")
+# The server: PERDURE_PG_URL (as the rest of the repository's tests use it), overridden field by
+# field by PERDURE_PG_HOST/PORT/USER/PASSWORD. Its database name is ignored: we create our own.
+_URL = conninfo_to_dict(os.environ.get("PERDURE_PG_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+PG_HOST = os.environ.get("PERDURE_PG_HOST", str(_URL.get("host") or "127.0.0.1"))
+PG_PORT = int(os.environ.get("PERDURE_PG_PORT", str(_URL.get("port") or "5432")))
+PG_USER = os.environ.get("PERDURE_PG_USER", str(_URL.get("user") or "postgres"))
+PG_PASSWORD = os.environ.get("PERDURE_PG_PASSWORD", str(_URL.get("password") or ""))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 #: One database (and one template) per test session, so concurrent sessions on one server (two
