@@ -558,6 +558,7 @@ class PostgresProvider(Provider):
                 _scanned,
                 _tried,
                 _candidates,
+                _nosync,
                 instance_id,
                 token,
                 attempt_count,
