@@ -44,7 +44,7 @@ from perdure.provider import (
     WorkItemLease,
     encode_error,
 )
-from perdure.registry import ActivityDef, Registry
+from perdure.registry import ActivityDef, OrchestrationDef, Registry
 from perdure.serialization import dumps, loads
 
 _log = logging.getLogger("perdure.runtime")
@@ -246,6 +246,7 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._activities: dict[str, _Running] = {}
         self._by_ref: dict[h.ActivityRef, str] = {}
+        self._bodies: dict[OrchestrationDef, Callable[[Engine, str], Any]] = {}
         self._thread_lock = threading.Lock()
         self._thread_done: list[tuple[WorkItemLease, concurrent.futures.Future[Any]]] = []
         self._drain_scheduled = False
@@ -403,6 +404,12 @@ class Runtime:
         except ProviderError as exc:
             _log.debug("abandon failed (the lock will expire instead): %s", exc)
 
+    def _body(self, definition: OrchestrationDef) -> Callable[[Engine, str], Any]:
+        body = self._bodies.get(definition)
+        if body is None:
+            body = self._bodies[definition] = orchestration_body(definition, self.registry)
+        return body
+
     def _needs_history(self, item: OrchestrationItem) -> bool:
         instance = item.instance
         return (
@@ -497,7 +504,7 @@ class Runtime:
                 instance_id=item.instance_id,
                 execution_id=execution_id,
                 name=name,
-                body=orchestration_body(definition, self.registry),
+                body=self._body(definition),
                 version=definition.version,
             )
             if last_event_id > 0:
