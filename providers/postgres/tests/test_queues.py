@@ -292,3 +292,63 @@ async def test_statements_are_prepared_and_reused(make_provider: Any) -> None:
         cursor = await conn.execute("SELECT count(*) FROM pg_prepared_statements")
         row = await cursor.fetchone()
     assert row is not None and row[0] >= 1
+
+
+async def test_concurrent_enqueues_are_coalesced(
+    pg_provider: PostgresProvider, admin: psycopg.Connection[Any]
+) -> None:
+    await asyncio.gather(
+        *(pg_provider.enqueue_orchestrator_messages([start(f"c{k}"), event(f"c{k}")]) for k in range(300))
+    )
+    assert pg_provider._enqueuer.batches < 100
+    assert count(admin, pg_provider, "orchestrator_queue") == 600
+    # Each call's messages keep their order.
+    items = await pg_provider.fetch_orchestration_items(300, LEASE)
+    assert len(items) == 300
+    assert all([type(m).__name__ for m in i.messages] == ["StartOrchestration", "RaiseEvent"] for i in items)
+
+
+async def test_a_failing_enqueue_does_not_fail_the_calls_coalesced_with_it(
+    pg_provider: PostgresProvider, admin: psycopg.Connection[Any]
+) -> None:
+    bad = start("nul\x00byte")  # PostgreSQL text cannot hold NUL: a permanent error for this call
+    calls = [pg_provider.enqueue_orchestrator_messages([start(f"g{k}")]) for k in range(20)]
+    calls.insert(10, pg_provider.enqueue_orchestrator_messages([bad]))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    errors = [r for r in results if r is not None]
+    assert len(errors) == 1
+    assert isinstance(errors[0], ProviderError) and not errors[0].retryable
+    assert results[10] is errors[0]
+    assert count(admin, pg_provider, "orchestrator_queue") == 20
+
+
+async def test_a_caller_cancelled_before_its_batch_is_sent_enqueues_nothing(
+    pg_provider: PostgresProvider, admin: psycopg.Connection[Any]
+) -> None:
+    first = [
+        asyncio.ensure_future(pg_provider.enqueue_orchestrator_messages([start(f"f{k}")])) for k in range(2)
+    ]
+    await asyncio.sleep(0)  # both in flight (max_in_flight=2); the next one queues
+    queued = asyncio.ensure_future(pg_provider.enqueue_orchestrator_messages([start("cancelled")]))
+    await asyncio.sleep(0)
+    queued.cancel()
+    await asyncio.gather(*first)
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    await asyncio.sleep(0.05)
+    assert count(admin, pg_provider, "orchestrator_queue", "instance_id = 'cancelled'") == 0
+
+
+async def test_concurrent_instance_reads_are_coalesced(pg_provider: PostgresProvider) -> None:
+    await enqueue(pg_provider, *(start(f"r{k}") for k in range(5)))
+    items = await pg_provider.fetch_orchestration_items(5, LEASE)
+    assert await pg_provider.ack_orchestration_items([first_ack(i) for i in items]) == [None] * 5
+    before = pg_provider._instance_reader.batches
+    ids = [f"r{k % 7}" for k in range(200)]  # r5 and r6 do not exist; ids repeat
+    infos = await asyncio.gather(*(pg_provider.get_instance(i) for i in ids))
+    assert pg_provider._instance_reader.batches - before < 50
+    for instance_id, info in zip(ids, infos, strict=True):
+        if instance_id in ("r5", "r6"):
+            assert info is None
+        else:
+            assert info is not None and info.instance_id == instance_id and info.status == "running"

@@ -307,12 +307,12 @@ WHERE h.instance_id = %(instance_id)b::text
 ORDER BY h.event_id
 """
 
-_GET_INSTANCE = """
+_GET_INSTANCES = """
 SELECT i.instance_id, e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
        i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
 FROM {s}.instances i
 LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
-WHERE i.instance_id = %(instance_id)b::text
+WHERE i.instance_id = ANY (%(ids)b::text[])
 """
 
 _GET_CUSTOM_STATUS = """
@@ -337,7 +337,7 @@ class Statements:
     enqueue_orchestrator: bytes
     notify: bytes
     read_history: bytes
-    get_instance: bytes
+    get_instances: bytes
     get_custom_status: bytes
 
     @classmethod
@@ -364,7 +364,7 @@ class Statements:
             enqueue_orchestrator=render(_ENQUEUE_ORCHESTRATOR),
             notify=render(_NOTIFY),
             read_history=render(_READ_HISTORY),
-            get_instance=render(_GET_INSTANCE),
+            get_instances=render(_GET_INSTANCES),
             get_custom_status=render(_GET_CUSTOM_STATUS),
         )
 

@@ -123,6 +123,7 @@ from perdure.provider import (
     WorkItemLease,
 )
 from perdure_postgres import _errors
+from perdure_postgres._coalesce import Coalescer
 from perdure_postgres._sql import Statements
 from perdure_postgres._wakeups import Listener, Notifier, WakeHub, channel_names, raise_if_cancelling
 from perdure_postgres.schema import (
@@ -238,6 +239,8 @@ class PostgresProvider(Provider):
         self._sender = uuid.uuid4().hex[:8]
         self._open_lock: asyncio.Lock | None = None
         self._closed = False
+        self._enqueuer: Coalescer[list[tuple[Message, str]], None] = Coalescer(self._enqueue_batch)
+        self._instance_reader: Coalescer[str, InstanceInfo | None] = Coalescer(self._get_instances)
 
     def __repr__(self) -> str:
         return f"PostgresProvider(schema={self.schema!r})"
@@ -875,28 +878,37 @@ class PostgresProvider(Provider):
     # -- client side -------------------------------------------------------------------------------
 
     async def enqueue_orchestrator_messages(self, messages: Sequence[Message]) -> None:
-        """Append messages to the orchestrator queue (never creates an instance)."""
+        """Append messages to the orchestrator queue (never creates an instance).
+
+        Concurrent calls from this process are coalesced into few statements (one commit for
+        many callers); each call's messages are committed together either way.
+        """
         if not messages:
             return
         self._require_pool("enqueue_orchestrator_messages")
         try:
-            datas = [encode_message(m) for m in messages]
+            encoded = [(m, encode_message(m)) for m in messages]
         except Exception as exc:
             raise ProviderError(
                 "enqueue_orchestrator_messages", f"cannot encode message: {exc}", retryable=False
             ) from exc
-        now, future = self._split_visibility(messages)
+        await self._enqueuer.submit(encoded)
+
+    async def _enqueue_batch(self, calls: Sequence[list[tuple[Message, str]]]) -> list[None]:
+        flat = [entry for call in calls for entry in call]
         params = {
-            "insts": [m.instance_id for m in messages],
-            "datas": datas,
-            "vis": [m.visible_at_ms for m in messages],
+            "insts": [m.instance_id for m, _ in flat],
+            "datas": [data for _, data in flat],
+            "vis": [m.visible_at_ms for m, _ in flat],
         }
 
         async def body(conn: Conn) -> None:
             await _execute(conn, self._sql.enqueue_orchestrator, params)
 
         await self._run("enqueue_orchestrator_messages", body)
+        now, future = self._split_visibility([m for m, _ in flat])
         self._committed(orchestrator_now=now, timers=future)
+        return [None] * len(calls)
 
     async def read_history(self, instance_id: str, execution_id: int | None = None) -> list[Event]:
         """The events of one execution (the current one by default), ordered by event id."""
@@ -919,44 +931,50 @@ class PostgresProvider(Provider):
         return events
 
     async def get_instance(self, instance_id: str) -> InstanceInfo | None:
-        """The stored state of the instance and its current execution, or None."""
+        """The stored state of the instance and its current execution, or None.
 
-        async def body(conn: Conn) -> tuple[Any, ...] | None:
-            return await (
-                await _execute(conn, self._sql.get_instance, {"instance_id": instance_id})
-            ).fetchone()
+        Concurrent calls from this process are coalesced into few indexed reads.
+        """
+        self._require_pool("get_instance")
+        return await self._instance_reader.submit(instance_id)
 
-        row = await self._run("get_instance", body, idempotent=True)
-        if row is None:
-            return None
-        (
-            iid,
-            name,
-            version,
-            execution_id,
-            status,
-            output,
-            parent,
-            cs,
-            cs_version,
-            last_event_id,
-            created,
-            updated,
-        ) = row
-        return InstanceInfo(
-            instance_id=iid,
-            name=name or "",
-            version=version,
-            execution_id=execution_id,
-            status=status or "running",
-            output=output,
-            parent_instance_id=parent,
-            custom_status=cs,
-            custom_status_version=cs_version,
-            last_event_id=last_event_id or 0,
-            created_at_ms=created,
-            updated_at_ms=updated,
-        )
+    async def _get_instances(self, instance_ids: Sequence[str]) -> list[InstanceInfo | None]:
+        params = {"ids": list(dict.fromkeys(instance_ids))}
+
+        async def body(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await _execute(conn, self._sql.get_instances, params)).fetchall()
+
+        found: dict[str, InstanceInfo] = {}
+        for row in await self._run("get_instance", body, idempotent=True):
+            (
+                iid,
+                name,
+                version,
+                execution_id,
+                status,
+                output,
+                parent,
+                cs,
+                cs_version,
+                last_event_id,
+                created,
+                updated,
+            ) = row
+            found[iid] = InstanceInfo(
+                instance_id=iid,
+                name=name or "",
+                version=version,
+                execution_id=execution_id,
+                status=status or "running",
+                output=output,
+                parent_instance_id=parent,
+                custom_status=cs,
+                custom_status_version=cs_version,
+                last_event_id=last_event_id or 0,
+                created_at_ms=created,
+                updated_at_ms=updated,
+            )
+        return [found.get(instance_id) for instance_id in instance_ids]
 
     async def get_custom_status(
         self, instance_id: str, last_seen_version: int
