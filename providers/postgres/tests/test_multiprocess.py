@@ -244,7 +244,10 @@ async def start_all(schema: str) -> None:
     try:
         client = Client(provider, worker.app)
         ids = await asyncio.gather(
-            *(client.start_orchestration(worker.job, n, instance_id=f"job-{n:03d}") for n in range(ORCHESTRATIONS))
+            *(
+                client.start_orchestration(worker.job, n, instance_id=f"job-{n:03d}")
+                for n in range(ORCHESTRATIONS)
+            )
         )
         assert len(set(ids)) == ORCHESTRATIONS
     finally:

@@ -51,6 +51,19 @@ Acks
     statement is rolled back and the acks are replayed one per statement, so the failure is
     reported in its own slot only. Worker acks of a batch are a single statement too.
 
+Client calls
+    Concurrent ``enqueue_orchestrator_messages`` and ``get_instance`` calls of one process are
+    coalesced (:mod:`perdure_postgres._coalesce`): a call goes out at once while fewer than two
+    statements of its kind are running, and calls arriving meanwhile share the next statement, so
+    a thousand concurrent starts cost a handful of commits instead of a thousand.
+
+Durability
+    Acks and enqueues commit durably. Lease bookkeeping (fetch, renew, abandon) commits with
+    ``synchronous_commit = off`` for its own transaction: WAL is flushed in order, so the durable
+    ack that depends on a lease makes the lease durable too, and a crash can only lose a lease
+    nobody acted on (its holder's ack then fails as a lost lock). That takes a WAL flush off every
+    fetch.
+
 Worker queue
     ``SELECT ... ORDER BY id FOR UPDATE SKIP LOCKED`` then an update in the same statement; the
     lease token embeds the row id (``"<id>:<uuid>"``) so acks and renewals go straight to the row by
