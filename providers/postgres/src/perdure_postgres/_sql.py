@@ -258,7 +258,7 @@ ins AS (
     WHERE a.data IS NOT NULL
     RETURNING 1
 )
-SELECT (SELECT array_agg(id) FROM d)
+SELECT (SELECT array_agg(id) FROM d), {nosync}
 """
 
 _ABANDON_WORK = """

@@ -58,11 +58,12 @@ Client calls
     a thousand concurrent starts cost a handful of commits instead of a thousand.
 
 Durability
-    Acks and enqueues commit durably. Lease bookkeeping (fetch, renew, abandon) commits with
-    ``synchronous_commit = off`` for its own transaction: WAL is flushed in order, so the durable
-    ack that depends on a lease makes the lease durable too, and a crash can only lose a lease
-    nobody acted on (its holder's ack then fails as a lost lock). That takes a WAL flush off every
-    fetch.
+    Turn acks and enqueues commit durably. Lease bookkeeping (fetch, renew, abandon) and activity
+    acks commit with ``synchronous_commit = off`` for their own transaction: WAL is flushed in
+    order, so the durable turn ack that depends on a lease or consumes an activity's result makes
+    it durable too. A crash can only lose a lease nobody acted on (its holder's ack then fails as
+    a lost lock) or an activity result no turn consumed yet (the activity runs again: activities
+    are at-least-once). That takes a WAL flush off every fetch and every activity.
 
 Worker queue
     ``SELECT ... ORDER BY id FOR UPDATE SKIP LOCKED`` then an update in the same statement; the
