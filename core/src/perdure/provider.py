@@ -112,6 +112,11 @@ class Capabilities:
     cross_process: bool = False
     #: The store can be shared by several processes at once.
     multi_process: bool = False
+    #: Calls made through one provider object take effect in the order they were made: a fetch
+    #: issued after an ack (even before the ack returned) sees what the ack committed, as with a
+    #: single connection serving calls first come, first served. The runtime then asks for the
+    #: work an ack produces right behind the ack, so both share one round trip.
+    ordered_calls: bool = False
     #: Largest payload (input, result, event data) the provider accepts, in bytes.
     max_payload_bytes: int = 16 * 1024 * 1024
 

@@ -145,10 +145,11 @@ class _Waker:
     """Wait for work: the provider's wake-up, or a nudge from this runtime.
 
     When this process produces work for the other dispatcher (a turn that schedules activities,
-    an activity result for an orchestration), it nudges that dispatcher at once instead of
-    waiting for the provider's post-commit signal. The nudged fetch reaches the provider right
-    behind the ack that produced the work, so a provider that serialises calls (SQLite) serves
-    both in one transaction; elsewhere an early fetch at worst finds nothing and waits again.
+    an activity result for an orchestration), it nudges that dispatcher instead of waiting for
+    the provider's signal. With a provider whose calls take effect in order
+    (``capabilities.ordered_calls``, e.g. SQLite) the nudge comes as the ack is submitted, so the
+    fetch travels right behind the ack and both share one transaction; otherwise it comes once the
+    ack has committed, so the fetch is never wasted on work that is not there yet.
     """
 
     def __init__(self, provider: Provider, queue: Queue) -> None:
@@ -253,6 +254,7 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
         self._stopping = asyncio.Event()
+        self._ordered_calls = provider.capabilities.ordered_calls
         self._orchestrator_waker = _Waker(provider, "orchestrator")
         self._worker_waker = _Waker(provider, "worker")
         self._pool: ThreadPoolExecutor | None = None
@@ -368,9 +370,12 @@ class Runtime:
         pending = acks
         for attempt in range(1, _ACK_ATTEMPTS + 1):
             submitted = self._orch_acks.submit(pending)
-            if any(ack.worker_items for ack in pending):
+            produces_work = any(ack.worker_items for ack in pending)
+            if produces_work and self._ordered_calls:
                 self._worker_waker.nudge()
             results = await submitted
+            if produces_work and not self._ordered_calls:
+                self._worker_waker.nudge()
             retry: list[OrchestrationAck] = []
             for ack, error in zip(pending, results, strict=True):
                 if error is None:
@@ -812,7 +817,8 @@ class Runtime:
         if lease.lock_token not in self._activities:
             return  # released at shutdown; its lease went back to the queue
         acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion))
-        self._orchestrator_waker.nudge()
+        if self._ordered_calls:
+            self._orchestrator_waker.nudge()
         acked.add_done_callback(functools.partial(self._acked, lease, completion, attempt))
 
     def _acked(
@@ -823,6 +829,8 @@ class Runtime:
         acked: asyncio.Future[ProviderError | None],
     ) -> None:
         error = acked.result()
+        if error is None and not self._ordered_calls:
+            self._orchestrator_waker.nudge()
         if error is not None and error.retryable and attempt < _ACK_ATTEMPTS and self._running:
             # A blip (busy store, dropped connection): the lease is likely still ours, so retry
             # rather than let the activity run again after the lease lapses.

@@ -138,6 +138,7 @@ class SqliteProvider(Provider):
             wakeups=True,
             cross_process=False,
             multi_process=self._path != MEMORY,
+            ordered_calls=True,
             max_payload_bytes=MAX_PAYLOAD_BYTES,
         )
 
