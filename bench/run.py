@@ -28,6 +28,7 @@ from typing import Any
 
 from perdure import (
     ActivityContext,
+    Client,
     OrchestrationContext,
     Provider,
     Registry,
@@ -37,7 +38,15 @@ from perdure import (
 )
 from perdure import history as h
 
-DEFAULT_N = {"hello": 2000, "chain": 500, "fanout": 1000, "history": 5000, "timers": 1000, "workers": 2000}
+DEFAULT_N = {
+    "hello": 2000,
+    "chain": 500,
+    "fanout": 1000,
+    "history": 5000,
+    "timers": 1000,
+    "wakeup": 50,
+    "workers": 2000,
+}
 PG_DEFAULT = "postgresql://postgres@127.0.0.1:5432/test"
 
 app = Registry()
@@ -86,6 +95,11 @@ async def long_history(ctx: OrchestrationContext, steps: list[int]) -> int:
 @app.orchestration
 async def sleeper(ctx: OrchestrationContext, seconds: float) -> None:
     await ctx.sleep(seconds)
+
+
+@app.orchestration
+async def instant(ctx: OrchestrationContext) -> None:
+    return None
 
 
 # -- providers ------------------------------------------------------------------------------
@@ -225,6 +239,31 @@ async def w_timers(target: Target, n: int) -> dict[str, float]:
         return {"peak_rss_mb": peak_rss_mb, "fire_lateness_ms_p99": percentile(lateness, 0.99)}
 
 
+async def w_wakeup(target: Target, n: int) -> dict[str, float]:
+    """An idle runtime picks up a newly enqueued orchestration: enqueue to its first turn.
+
+    On PostgreSQL the client uses its own provider object (its own connections), as another
+    process would, so the wake-up travels through LISTEN/NOTIFY.
+    """
+    async with store(target) as (provider, location), Runtime(provider, app, _options()):
+        other = target.open(location) if target.kind == "postgres" else provider
+        await other.open()
+        client = Client(other)
+        latencies = []
+        try:
+            for _ in range(n):
+                await asyncio.sleep(0.05)  # let the runtime go idle
+                enqueued_ms = time.time() * 1000
+                instance = await client.start_orchestration(instant)
+                await client.wait_for_orchestration(instance, timeout=60, poll_interval=0.01)
+                started = (await client.read_history(instance))[0]
+                latencies.append(started.timestamp_ms - enqueued_ms)
+        finally:
+            if other is not provider:
+                await other.close()
+        return {"wakeup_ms_p50": percentile(latencies, 0.5), "wakeup_ms_p99": percentile(latencies, 0.99)}
+
+
 async def w_workers(target: Target, n: int, processes: int) -> dict[str, float]:
     if target.kind != "postgres":
         raise SystemExit("the workers workload needs a provider shared by processes: --provider postgres")
@@ -263,6 +302,8 @@ UNITS = {
     "turn_ms_long": "ms",
     "peak_rss_mb": "MB",
     "fire_lateness_ms_p99": "ms",
+    "wakeup_ms_p50": "ms",
+    "wakeup_ms_p99": "ms",
 }
 
 
@@ -325,6 +366,7 @@ async def main(argv: list[str] | None = None) -> None:
             "fanout": w_fanout,
             "history": w_history,
             "timers": w_timers,
+            "wakeup": w_wakeup,
         }
         fn = workload[name]
 
