@@ -3,9 +3,9 @@
     python multiprocess_worker.py URL SCHEMA JOURNAL_DIR INDEX LEASE_SECONDS
 
 runs ``Runtime(connect(URL, schema=SCHEMA, migrate=False), app, RuntimeOptions(...))`` with
-``LEASE_SECONDS`` as both lock timeouts, until SIGTERM (graceful shutdown) or until its parent
-dies. Its connections carry the application name :func:`application_name` so the test can watch
-them in ``pg_stat_activity``.
+``LEASE_SECONDS`` as both lock timeouts (and process ``UNCACHED_INDEX`` without an orchestration
+cache), until SIGTERM (graceful shutdown) or until its parent dies. Its connections carry the
+application name :func:`application_name` so the test can watch them in ``pg_stat_activity``.
 
 Every activity execution is journaled before the activity works: one line appended to
 ``JOURNAL_DIR/journal-<INDEX>-<pid>.log`` with a single ``write(2)`` on an ``O_APPEND`` descriptor,
@@ -32,6 +32,9 @@ app = Registry()
 ACTIVITY_SECONDS = 0.05
 #: The durable timer between the first activity and the parallel pair.
 TIMER_SECONDS = 0.2
+
+#: The runtime process that runs with its orchestration cache disabled.
+UNCACHED_INDEX = 2
 
 _journal_fd: int | None = None
 
@@ -106,6 +109,9 @@ async def serve(url: str, schema: str, index: int, lease: float) -> None:
         url, schema=schema, migrate=False, max_pool_size=4, application_name=application_name(schema, index)
     )
     options = RuntimeOptions(
+        # The last process keeps no live orchestrations: every turn it runs replays history, so
+        # cached and uncached runtimes share instances (results must be the same either way).
+        cache_size=0 if index == UNCACHED_INDEX else RuntimeOptions().cache_size,
         orchestration_lock_timeout=lease,
         activity_lock_timeout=lease,
         poll_interval=0.5,

@@ -1,7 +1,8 @@
 """Several runtime processes sharing one PostgreSQL schema, with and without a SIGKILL.
 
-Real processes (``multiprocess_worker.py`` under ``sys.executable``), a real server, a fresh schema
-per test. This process is only a client: it starts the orchestrations and inspects the database.
+Real processes (``multiprocess_worker.py`` under ``sys.executable``; one of them runs without an
+orchestration cache, so every turn it takes replays history), a real server, a fresh schema per
+test. This process is only a client: it starts the orchestrations and inspects the database.
 Activity executions are counted from per-process journal files the activities append to before
 they work, so an execution cut short by SIGKILL is counted too.
 
@@ -371,28 +372,33 @@ async def test_survivors_finish_the_work_of_a_killed_process(
 ) -> None:
     await migrate(schema)
     cluster = Cluster(schema, tmp_path)
-    victim = 1
     try:
         cluster.start(PROCESSES)
         await wait_until_connected(db, cluster, range(PROCESSES))
         await start_all(schema)
 
-        # Midway: some orchestrations done, and the victim running activities right now. The
-        # victim is frozen (SIGSTOP) while its journal is read, so what it is running cannot
-        # finish between the look and the kill; if it runs nothing, it is thawed and we look again.
-        victim_pid = cluster.processes[victim].pid
+        # Midway: some orchestrations done, and the victim running activities right now. Each
+        # candidate is frozen (SIGSTOP) while its journal is read, so what it is running cannot
+        # finish between the look and the kill; one that runs nothing is thawed, the next tried.
         deadline = time.monotonic() + WAIT
+        victim = -1
+        running: set[Call] = set()
         while True:
             completed, _ = await terminal_counts(db)
-            assert completed < ORCHESTRATIONS, "the workload finished before the process could be killed"
+            assert completed < ORCHESTRATIONS, "the workload finished before a process could be killed"
             if completed >= ORCHESTRATIONS // 5:
-                running = cluster.freeze(victim, tmp_path)
-                if running:
-                    break
-                cluster.thaw(victim)
+                for index in range(PROCESSES):
+                    running = cluster.freeze(index, tmp_path)
+                    if running:
+                        victim = index
+                        break
+                    cluster.thaw(index)
+            if victim >= 0:
+                break
             cluster.check_alive()
-            assert time.monotonic() < deadline, f"{completed} completed, the victim never ran anything"
+            assert time.monotonic() < deadline, f"{completed} completed, and no process is running anything"
             await asyncio.sleep(0.02)
+        victim_pid = cluster.processes[victim].pid
         cluster.kill(victim)
 
         # Once the server has dropped the victim's backends, nothing it did can still commit:
