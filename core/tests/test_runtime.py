@@ -814,3 +814,19 @@ async def test_a_child_id_that_is_taken_fails_the_call_instead_of_hanging(runtim
     assert (
         await runtime.client.wait_for_orchestration(instance, timeout=10)
     ).result() == "InstanceAlreadyExists"
+
+
+async def test_an_event_for_an_unknown_instance_leaves_no_trace(runtime_factory: Any) -> None:
+    app = Registry()
+
+    @app.orchestration
+    async def later(ctx: OrchestrationContext) -> str:
+        return "started fine"
+
+    runtime = await runtime_factory(app)
+    await runtime.client.raise_event("order-1", "paid", 1)
+    await runtime.client.cancel("order-1")
+    await asyncio.sleep(0.5)  # the runtime consumes both messages
+    assert await runtime.client.get_status("order-1") is None
+    await runtime.client.start_orchestration(later, instance_id="order-1")
+    assert (await runtime.client.wait_for_orchestration("order-1", timeout=10)).result() == "started fine"

@@ -18,7 +18,8 @@ Orchestrator queue (messages for instances):
       maximum over its messages. This drives poison handling in the runtime.
     * An ack is one atomic transaction and validates the lock at commit time: append history
       (append-only; a duplicate event id is rejected, nothing is overwritten), create the
-      instance if it does not exist (instances are created only here, never by an enqueue),
+      instance if it does not exist (instances are created only here, never by an enqueue, and
+      only by an ack that records history: one without history just consumes its messages),
       record the execution, apply status, output and custom status, insert the new worker and
       orchestrator messages, *then* delete the cancelled activities (so scheduling and
       cancelling one activity in the same ack leaves nothing behind), delete the tagged

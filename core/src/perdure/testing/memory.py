@@ -220,23 +220,26 @@ class InMemoryProvider(Provider):
         except (TypeError, ValueError) as exc:
             return ProviderError(op, f"cannot encode the ack: {exc}", retryable=False)
 
-        # Apply: the instance is created here and nowhere else.
-        if instance is None:
+        # Apply: the instance is created here and nowhere else, and only by an ack that records
+        # history (one without history just consumes its messages).
+        if instance is None and new_events:
             parent_id = ack.parent.instance_id if ack.parent else None
             instance = _Instance(ack.instance_id, parent_id, created_at_ms=now_ms, updated_at_ms=now_ms)
             self._instances[ack.instance_id] = instance
-        if execution is None:
-            execution = _Execution(ack.name, ack.version, status="running")
-            instance.executions[ack.execution_id] = execution
-            instance.current_execution_id = max(instance.current_execution_id, ack.execution_id)
-        execution.events.update(new_events)
-        if ack.status is not None:
-            execution.status = ack.status
-            execution.output = ack.output
-        if ack.custom_status_changed:
-            instance.custom_status = ack.custom_status
-            instance.custom_status_version += 1
-        instance.updated_at_ms = now_ms
+        if instance is not None:
+            if execution is None and new_events:
+                execution = _Execution(ack.name, ack.version, status="running")
+                instance.executions[ack.execution_id] = execution
+                instance.current_execution_id = max(instance.current_execution_id, ack.execution_id)
+            if execution is not None:
+                execution.events.update(new_events)
+                if ack.status is not None:
+                    execution.status = ack.status
+                    execution.output = ack.output
+            if ack.custom_status_changed:
+                instance.custom_status = ack.custom_status
+                instance.custom_status_version += 1
+            instance.updated_at_ms = now_ms
 
         # Insert new work *before* deleting cancelled activities, so scheduling and cancelling one
         # activity in the same turn leaves nothing behind.

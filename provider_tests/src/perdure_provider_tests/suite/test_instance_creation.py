@@ -42,6 +42,17 @@ async def test_fetched_item_of_an_uncreated_instance_has_no_instance(provider: P
     assert item.messages == [start_message("new")]
 
 
+async def test_ack_without_history_creates_no_instance(provider: Provider) -> None:
+    """An ack that records no history only consumes its messages: it creates no instance."""
+    await enqueue(provider, event_message("ghost"))
+    item = await fetch_one(provider, "ghost")
+    await ack_ok(provider, ack_for(item, execution_id=0, name=""))
+    assert await provider.get_instance("ghost") is None
+    assert await provider.read_history("ghost") == []
+    await enqueue(provider, start_message("ghost"))
+    assert (await fetch_one(provider, "ghost")).instance is None
+
+
 async def test_first_ack_creates_the_instance_from_its_data(provider: Provider) -> None:
     """The first ack creates the instance with the ack's name, version, execution id and status."""
     before = now_ms()

@@ -119,6 +119,8 @@ inst AS (
     SELECT lk.instance_id, lk.execution_id, lk.parent, CASE WHEN lk.cs_changed THEN lk.cs END,
            CASE WHEN lk.cs_changed THEN 1 ELSE 0 END, {now}, {now}
     FROM lk
+    -- An ack without history only consumes messages: it never creates (or touches) an instance.
+    WHERE lk.last_event_id > 0
     ON CONFLICT (instance_id) DO UPDATE SET
         current_execution_id = greatest(i.current_execution_id, excluded.current_execution_id),
         custom_status = CASE WHEN excluded.custom_status_version > 0 THEN excluded.custom_status
@@ -135,6 +137,7 @@ ex_new AS (
     SELECT lk.instance_id, lk.execution_id, lk.name, lk.version, coalesce(lk.status, 'running'), lk.output,
            lk.last_event_id, {now}, {now}, CASE WHEN lk.status IN {terminal} THEN {now} END
     FROM lk
+    WHERE lk.last_event_id > 0
     ON CONFLICT (instance_id, execution_id) DO NOTHING
     RETURNING 1
 ),
