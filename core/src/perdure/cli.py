@@ -52,7 +52,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         client = Client(provider)
         if args.command == "migrate":
-            print(f"{args.url}: schema is up to date")
+            print(f"{provider.name}: schema is up to date")  # not the URL: it may hold a password
         elif args.command == "status":
             status = await client.get_status(args.instance)
             if status is None:

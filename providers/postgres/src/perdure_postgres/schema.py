@@ -139,7 +139,13 @@ def migrate(
             key = advisory_key("perdure_postgres.migrate", schema)
             conn.execute(text("SELECT pg_advisory_xact_lock(:a, :b)"), {"a": key[0], "b": key[1]})
             quoted = conn.dialect.identifier_preparer.quote_schema(schema)
-            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quoted}"))
+            # CREATE SCHEMA IF NOT EXISTS needs CREATE on the database even when the schema exists:
+            # look first, so a migrator that only owns its schema can migrate it.
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": schema}
+            ).first()
+            if exists is None:
+                conn.execute(text(f"CREATE SCHEMA {quoted}"))
             cfg = _alembic_config(schema)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
