@@ -131,3 +131,33 @@ async def test_an_ack_lost_after_commit_is_not_replayed_into_duplicates(provider
     assert [e.event_id for e in history] == list(range(1, len(history) + 1))
     assert sum(isinstance(e, h.ActivityScheduled) for e in history) == 12
     assert all(runs[f"chain-{i}"] == 1 for i in range(12))
+
+
+async def test_a_provider_bug_does_not_stop_the_dispatchers(provider: Provider) -> None:
+    """An unexpected exception from a fetch is logged and retried; the dispatchers keep running."""
+
+    class Buggy(FaultyProvider):  # type: ignore[misc, valid-type]
+        def __init__(self, inner: Provider) -> None:
+            super().__init__(inner)
+            self.bugs = {"fetch_orchestration_items": 2, "fetch_work_items": 2}
+
+        async def fetch_orchestration_items(self, limit: int, lock_timeout: float) -> Any:
+            if self.bugs["fetch_orchestration_items"]:
+                self.bugs["fetch_orchestration_items"] -= 1
+                raise TypeError("a bug in the provider")
+            return await super().fetch_orchestration_items(limit, lock_timeout)
+
+        async def fetch_work_items(self, limit: int, lock_timeout: float) -> Any:
+            if self.bugs["fetch_work_items"]:
+                self.bugs["fetch_work_items"] -= 1
+                raise KeyError("another bug")
+            return await super().fetch_work_items(limit, lock_timeout)
+
+    buggy = Buggy(provider)
+    runs.clear()
+    client = Client(provider)
+    async with Runtime(buggy, app, options()):
+        instance = await client.start_orchestration(pipeline, "bug")
+        status = await client.wait_for_orchestration(instance, timeout=30)
+    assert status.result() == ["BUG-A", "BUG-B", "BUG-C"]
+    assert buggy.bugs == {"fetch_orchestration_items": 0, "fetch_work_items": 0}

@@ -102,25 +102,20 @@ class _Batcher(Generic[A]):
         self._call = call
         self._pending: list[tuple[A, asyncio.Future[ProviderError | None]]] = []
         self._flushing = False
-        self._flusher: asyncio.Future[None] | None = None
+        #: The task committing the current batch, if any (shutdown waits for it).
+        self.flusher: asyncio.Future[None] | None = None
 
     def submit(self, items: Sequence[A]) -> asyncio.Future[list[ProviderError | None]]:
-        """Queue ``items`` now (the provider call starts before the caller next yields)."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in items]
-        self._pending.extend(zip(items, futures, strict=True))
-        if not self._flushing:
-            self._flushing = True
-            self._flusher = asyncio.ensure_future(self._flush())
-        return asyncio.gather(*futures)
+        """Queue ``items``; the future resolves with their results, in order."""
+        return asyncio.gather(*(self.submit_one(item) for item in items))
 
     def submit_one(self, item: A) -> asyncio.Future[ProviderError | None]:
-        """Queue one item; its future resolves with that item's result."""
+        """Queue one item now (its provider call is scheduled before any later submission's)."""
         future: asyncio.Future[ProviderError | None] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if not self._flushing:
             self._flushing = True
-            self._flusher = asyncio.ensure_future(self._flush())
+            self.flusher = asyncio.ensure_future(self._flush())
         return future
 
     async def _flush(self) -> None:
@@ -253,7 +248,6 @@ class Runtime:
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._stopping = asyncio.Event()
         self._ordered_calls = provider.capabilities.ordered_calls
         self._orchestrator_waker = _Waker(provider, "orchestrator")
         self._worker_waker = _Waker(provider, "worker")
@@ -269,7 +263,6 @@ class Runtime:
         await self.provider.open()
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(self.options.activity_concurrency)
         self._pool = ThreadPoolExecutor(
             max_workers=self.options.thread_pool_size or self.options.activity_concurrency,
@@ -291,7 +284,6 @@ class Runtime:
         if not self._running:
             return
         self._running = False
-        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -317,6 +309,9 @@ class Runtime:
             await asyncio.gather(
                 *(e.task for e in self._activities.values() if e.task), return_exceptions=True
             )
+        # Acks already handed to the provider finish before the caller may close it.
+        flushing = [b.flusher for b in (self._orch_acks, self._work_acks) if b.flusher is not None]
+        await asyncio.gather(*flushing, return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -339,7 +334,7 @@ class Runtime:
                     options.orchestration_batch, options.orchestration_lock_timeout
                 )
                 failures = 0
-            except ProviderError as exc:
+            except Exception as exc:
                 failures += 1
                 await self._backoff("fetch orchestration work", exc, failures)
                 continue
@@ -360,10 +355,14 @@ class Runtime:
                 # We took everything that was ready; sleep until the provider signals more.
                 await self._orchestrator_waker.wait(options.poll_interval)
 
-    async def _backoff(self, what: str, error: ProviderError, failures: int) -> None:
+    async def _backoff(self, what: str, error: Exception, failures: int) -> None:
+        """Log a failed fetch and wait before the next one (exponential, capped)."""
         delay = min(0.05 * 2 ** min(failures, 10), self.options.poll_interval * 5)
-        level = logging.WARNING if failures < 5 and error.retryable else logging.ERROR
-        _log.log(level, "could not %s (%s); retrying in %.2f s", what, error, delay)
+        if not isinstance(error, ProviderError):  # a provider bug: show where it happened
+            _log.error("could not %s; retrying in %.2f s", what, delay, exc_info=error)
+        else:
+            level = logging.WARNING if failures < 5 and error.retryable else logging.ERROR
+            _log.log(level, "could not %s (%s); retrying in %.2f s", what, error, delay)
         await asyncio.sleep(delay)
 
     async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
@@ -430,7 +429,13 @@ class Runtime:
         A parent's start for an instance id that is already taken is answered with a failure to
         that parent, so a clash of child ids never leaves a parent waiting forever.
         """
-        ack = await self._run_turn(item)
+        try:
+            ack = await self._run_turn(item)
+        except Exception:  # a bug must cost one instance a delayed retry, never the dispatcher
+            _log.exception("turn of %r failed unexpectedly; it will be retried", item.instance_id)
+            self._cache.evict(item.instance_id)
+            await self._abandon_turn(item.lock_token, 1.0)
+            return None
         if ack is None:
             return None
         used = None if item.instance is not None else self._start_of(item)
@@ -661,7 +666,7 @@ class Runtime:
             try:
                 leases = await self.provider.fetch_work_items(free, options.activity_lock_timeout)
                 failures = 0
-            except ProviderError as exc:
+            except Exception as exc:
                 for _ in range(free):
                     slots.release()
                 failures += 1
@@ -673,7 +678,14 @@ class Runtime:
                 await self._worker_waker.wait(options.poll_interval)
                 continue
             for lease in leases:
-                self._launch(lease)
+                try:
+                    self._launch(lease)
+                except Exception:  # never lose the dispatcher; the lease lapses and is retried
+                    _log.exception("could not start activity %s", lease.ref)
+                    if lease.lock_token in self._activities:
+                        self._release(lease)
+                    else:
+                        slots.release()
             if len(leases) < free:
                 await self._worker_waker.wait(options.poll_interval)
 
