@@ -533,7 +533,9 @@ class Engine:
         self.custom_status: str | None = None
         self._actions: deque[_Action] = deque()
         self._ready: deque[_Task] = deque()
-        self._tasks: list[_Task] = []
+        #: Tasks not finished yet, in creation order (a dict: deterministic iteration); closed ones
+        #: leave, so a long-lived instance does not grow.
+        self._tasks: dict[_Task, None] = {}
         self._open: dict[int, ScheduledFuture[Any]] = {}
         self._subscriptions: dict[str, deque[ScheduledFuture[Any]]] = {}
         self._main: _Task | None = None
@@ -585,7 +587,7 @@ class Engine:
     def spawn(self, coro: Coroutine[Any, Any, T]) -> DurableFuture[T]:
         """Run an async block as an engine task; its future resolves with the block's result."""
         task = _Task(self, coro)
-        self._tasks.append(task)
+        self._tasks[task] = None
         self._ready.append(task)
         return task.future
 
@@ -739,7 +741,7 @@ class Engine:
             if event.initial_custom_status is not None:
                 self.custom_status = event.initial_custom_status
             self._main = _Task(self, self._body(self, event.input))
-            self._tasks.append(self._main)
+            self._tasks[self._main] = None
             self._ready.append(self._main)
         elif isinstance(event, h.Completion):
             future = self._open.pop(event.source_id, None)
@@ -844,10 +846,12 @@ class Engine:
                 yielded = task.coro.send(None) if error is None else task.coro.throw(error)
             except StopIteration as stop:
                 task.closed = True
+                self._tasks.pop(task, None)
                 task.future._resolve(stop.value)
                 return
             except (Exception, ContinueAsNewSignal) as exc:
                 task.closed = True
+                self._tasks.pop(task, None)
                 task.future._fail(exc)
                 return
             if isinstance(yielded, DurableFuture):
@@ -868,6 +872,7 @@ class Engine:
         if task.closed:
             return
         task.closed = True
+        self._tasks.pop(task, None)
         if task.waiting is not None:
             task.waiting._cancel(reason)
             task.waiting = None
@@ -971,7 +976,7 @@ class Engine:
 
     def _cancel_outstanding(self, reason: str) -> None:
         """At the end of an execution: stop every task and cancel all work still in flight."""
-        for task in self._tasks:
+        for task in list(self._tasks):
             if not task.closed:
                 task.closed = True
                 _close(task.coro)
