@@ -119,8 +119,9 @@ inst AS (
     SELECT lk.instance_id, lk.execution_id, lk.parent, CASE WHEN lk.cs_changed THEN lk.cs END,
            CASE WHEN lk.cs_changed THEN 1 ELSE 0 END, {now}, {now}
     FROM lk
-    -- An ack without history only consumes messages: it never creates (or touches) an instance.
-    WHERE lk.last_event_id > 0
+    -- Only an ack that records history creates an instance; one without history still updates
+    -- an existing instance (e.g. its custom status) but never creates one.
+    WHERE lk.last_event_id > 0 OR EXISTS (SELECT 1 FROM {s}.instances x WHERE x.instance_id = lk.instance_id)
     ON CONFLICT (instance_id) DO UPDATE SET
         current_execution_id = greatest(i.current_execution_id, excluded.current_execution_id),
         custom_status = CASE WHEN excluded.custom_status_version > 0 THEN excluded.custom_status
