@@ -617,19 +617,19 @@ class PostgresProvider(Provider):
                 messages.append(decoded)
             info = None
             if execution_id is not None:
-                info = InstanceInfo(
-                    instance_id=instance_id,
-                    name=name or "",
-                    version=version,
-                    execution_id=execution_id,
-                    status=status or "running",
-                    output=output,
-                    parent_instance_id=parent,
-                    custom_status=custom_status,
-                    custom_status_version=custom_status_version,
-                    last_event_id=last_event_id or 0,
-                    created_at_ms=created_at_ms,
-                    updated_at_ms=updated_at_ms,
+                info = _instance_info(
+                    instance_id,
+                    name,
+                    version,
+                    execution_id,
+                    status,
+                    output,
+                    parent,
+                    custom_status,
+                    custom_status_version,
+                    last_event_id,
+                    created_at_ms,
+                    updated_at_ms,
                 )
             items.append(
                 OrchestrationItem(
@@ -974,19 +974,19 @@ class PostgresProvider(Provider):
                 created,
                 updated,
             ) = row
-            found[iid] = InstanceInfo(
-                instance_id=iid,
-                name=name or "",
-                version=version,
-                execution_id=execution_id,
-                status=status or "running",
-                output=output,
-                parent_instance_id=parent,
-                custom_status=cs,
-                custom_status_version=cs_version,
-                last_event_id=last_event_id or 0,
-                created_at_ms=created,
-                updated_at_ms=updated,
+            found[iid] = _instance_info(
+                iid,
+                name,
+                version,
+                execution_id,
+                status,
+                output,
+                parent,
+                cs,
+                cs_version,
+                last_event_id,
+                created,
+                updated,
             )
         return [found.get(instance_id) for instance_id in instance_ids]
 
@@ -1125,6 +1125,37 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "prepare_threshold": lambda v: None if v.lower() in ("", "none", "off") else int(v),
     "application_name": str,
 }
+
+
+def _instance_info(
+    instance_id: str,
+    name: str | None,
+    version: str | None,
+    execution_id: int,
+    status: Any,
+    output: str | None,
+    parent: str | None,
+    custom_status: str | None,
+    custom_status_version: int,
+    last_event_id: int | None,
+    created_at_ms: int,
+    updated_at_ms: int,
+) -> InstanceInfo:
+    """An instance row (joined with its current execution) as the contract's InstanceInfo."""
+    return InstanceInfo(
+        instance_id=instance_id,
+        name=name or "",
+        version=version,
+        execution_id=execution_id,
+        status=status or "running",
+        output=output,
+        parent_instance_id=parent,
+        custom_status=custom_status,
+        custom_status_version=custom_status_version,
+        last_event_id=last_event_id or 0,
+        created_at_ms=created_at_ms,
+        updated_at_ms=updated_at_ms,
+    )
 
 
 def from_url(url: str, **options: Any) -> PostgresProvider:
