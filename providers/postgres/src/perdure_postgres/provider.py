@@ -960,34 +960,8 @@ class PostgresProvider(Provider):
 
         found: dict[str, InstanceInfo] = {}
         for row in await self._run("get_instance", body, idempotent=True):
-            (
-                iid,
-                name,
-                version,
-                execution_id,
-                status,
-                output,
-                parent,
-                cs,
-                cs_version,
-                last_event_id,
-                created,
-                updated,
-            ) = row
-            found[iid] = _instance_info(
-                iid,
-                name,
-                version,
-                execution_id,
-                status,
-                output,
-                parent,
-                cs,
-                cs_version,
-                last_event_id,
-                created,
-                updated,
-            )
+            # The columns come in _instance_info's parameter order (see the get_instances SQL).
+            found[row[0]] = _instance_info(*row)
         return [found.get(instance_id) for instance_id in instance_ids]
 
     async def get_custom_status(
