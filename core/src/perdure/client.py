@@ -16,7 +16,7 @@ from perdure import history as h
 from perdure.errors import InstanceAlreadyExists, InstanceNotFound, OrchestrationFailed
 from perdure.limits import check_payload, validate_instance_id, validate_name
 from perdure.provider import TERMINAL_STATUSES, InstanceInfo, Provider, decode_error
-from perdure.registry import OrchestrationDef, Registry, definition_of
+from perdure.registry import OrchestrationDef, Registry, require_definition
 from perdure.serialization import dumps, loads
 
 Status = Literal["running", "completed", "failed", "cancelled"]
@@ -221,12 +221,7 @@ class Client:
             # Not checked against the registry: in a rolling deploy the runtime that knows the
             # name may not be this process's. An unknown name is retried, then failed as poison.
             return validate_name(orchestration, "orchestration name"), None
-        found = definition_of(orchestration)
-        if not isinstance(found, OrchestrationDef):
-            raise TypeError(
-                f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered "
-                "orchestration; decorate it with @registry.orchestration or pass its name"
-            )
+        found = require_definition(orchestration, OrchestrationDef)
         return found.name, found.version
 
 

@@ -22,7 +22,7 @@ from perdure import history as h
 from perdure.engine import ContinueAsNewSignal, DurableFuture, Engine
 from perdure.errors import ActivityFailed
 from perdure.limits import check_custom_status, check_payload, validate_instance_id, validate_name
-from perdure.registry import ActivityDef, OrchestrationDef, Registry, definition_of
+from perdure.registry import ActivityDef, OrchestrationDef, Registry, require_definition
 from perdure.retry import RetryPolicy
 from perdure.serialization import dumps, loads
 
@@ -213,12 +213,7 @@ class OrchestrationContext:
         if isinstance(orchestration, str):
             name, definition = orchestration, self._registry.orchestration_def(orchestration, version)
         else:
-            found = definition_of(orchestration)
-            if not isinstance(found, OrchestrationDef):
-                raise TypeError(
-                    f"{getattr(orchestration, '__qualname__', orchestration)!r} is not a registered "
-                    "orchestration; decorate it with @registry.orchestration or pass its name"
-                )
+            found = require_definition(orchestration, OrchestrationDef)
             name, definition = found.name, found
             version = version if version is not None else found.version
         if instance_id is not None:
@@ -275,12 +270,7 @@ class OrchestrationContext:
     def _activity(self, activity: Callable[..., Any] | str) -> tuple[str, ActivityDef | None]:
         if isinstance(activity, str):
             return validate_name(activity, "activity name"), self._registry.activity_def(activity)
-        found = definition_of(activity)
-        if not isinstance(found, ActivityDef):
-            raise TypeError(
-                f"{getattr(activity, '__qualname__', activity)!r} is not a registered activity; "
-                "decorate it with @registry.activity or pass its name as a string"
-            )
+        found = require_definition(activity, ActivityDef)
         return found.name, found
 
 

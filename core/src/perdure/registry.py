@@ -203,4 +203,22 @@ def definition_of(fn: object) -> ActivityDef | OrchestrationDef | None:
     return found if isinstance(found, ActivityDef | OrchestrationDef) else None
 
 
-__all__ = ["ActivityDef", "OrchestrationDef", "Registry", "definition_of"]
+D = TypeVar("D", ActivityDef, OrchestrationDef)
+
+
+def require_definition(fn: object, kind: type[D]) -> D:
+    """The registration of a function passed where an activity or orchestration is expected.
+
+    Raises :class:`TypeError` saying how to register it (or to pass its name instead).
+    """
+    found = definition_of(fn)
+    if not isinstance(found, kind):
+        what = "activity" if kind is ActivityDef else "orchestration"
+        raise TypeError(
+            f"{getattr(fn, '__qualname__', fn)!r} is not a registered {what}; decorate it with "
+            f"@registry.{what} or pass its name as a string"
+        )
+    return found
+
+
+__all__ = ["ActivityDef", "OrchestrationDef", "Registry", "definition_of", "require_definition"]
