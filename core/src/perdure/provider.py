@@ -34,6 +34,21 @@ Worker queue (activity executions):
       expired, the ack fails permanently: that is how a worker learns its activity was cancelled.
     * A renewal of a lease that is gone or expired fails the same way.
 
+Direct dispatch (optional, ``capabilities.direct_dispatch``):
+    The runtime that commits a turn usually runs the activities it schedules, and the runtime
+    that runs an activity can usually run the turn its result wakes. Two ack options let each
+    hand-over skip a fetch (a round trip, and the scan behind it):
+
+    * An orchestration ack with ``lease_worker_items = n`` inserts its first ``n`` worker items
+      already leased to the caller (attempt count 1, lease ``worker_lease_timeout`` seconds from
+      the commit) and returns their leases as the ack's result. Leased, they are invisible to
+      every fetcher until the lease lapses, exactly like fetched items.
+    * A work-item ack with ``lock_instance`` set also locks the instance its completion is for,
+      in the same transaction, when no one holds that instance: every visible message of the
+      instance (the new completion included) is tagged and counted as a fetch would, and the
+      item is the ack's result. When the instance is locked elsewhere the result is ``None`` and
+      the completion waits for a fetch like any other message.
+
 Errors:
     Every failure is a :class:`ProviderError` whose ``retryable`` says whether the same call may
     succeed later (busy database, dropped connection) or never will (bad lock token, duplicate
@@ -118,6 +133,9 @@ class Capabilities:
     #: single connection serving calls first come, first served. The runtime then asks for the
     #: work an ack produces right behind the ack, so both share one round trip.
     ordered_calls: bool = False
+    #: Acks can hand work straight to the caller: ``OrchestrationAck.lease_worker_items`` and
+    #: ``WorkItemAck.lock_instance`` (see "Direct dispatch" in :mod:`perdure.provider`).
+    direct_dispatch: bool = False
     #: Largest payload (input, result, event data) the provider accepts, in bytes.
     max_payload_bytes: int = 16 * 1024 * 1024
 
@@ -184,6 +202,12 @@ class OrchestrationAck:
     output: str | None = None
     custom_status_changed: bool = False
     custom_status: str | None = None
+    #: Direct dispatch only: lease the first this-many of ``worker_items`` to the caller as they
+    #: are enqueued (none of them may be in ``cancelled_activities``); the ack's result is then
+    #: their leases, in ``worker_items`` order, instead of ``None``.
+    lease_worker_items: int = 0
+    #: Seconds those leases last from the commit.
+    worker_lease_timeout: float = 30.0
 
 
 @dataclass(slots=True)
@@ -207,6 +231,16 @@ class WorkItemAck:
 
     lock_token: str
     completion: Message | None
+    #: Direct dispatch only: also lock the completion's instance for this many seconds if no one
+    #: holds it; the ack's result is then the locked :class:`OrchestrationItem` (or ``None`` when
+    #: the instance is locked elsewhere).
+    lock_instance: float | None = None
+
+
+#: The result of one orchestration ack: ``None``, the direct leases it asked for, or its error.
+OrchestrationAckResult = ProviderError | list[WorkItemLease] | None
+#: The result of one work-item ack: ``None``, the instance it locked directly, or its error.
+WorkItemAckResult = ProviderError | OrchestrationItem | None
 
 
 class Provider(abc.ABC):
@@ -254,11 +288,12 @@ class Provider(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
-        """Commit each turn atomically; return, per ack and in order, ``None`` or its error.
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
+        """Commit each turn atomically; return, per ack and in order, its result or its error.
 
-        An ack whose lock is not held (wrong token, expired, already acked) fails permanently
-        and changes nothing. One failing ack never affects the others of the batch.
+        The result is ``None``, or with ``lease_worker_items`` the leases of those items. An ack
+        whose lock is not held (wrong token, expired, already acked) fails permanently and
+        changes nothing. One failing ack never affects the others of the batch.
         """
 
     @abc.abstractmethod
@@ -286,10 +321,12 @@ class Provider(abc.ABC):
         """Lease up to ``limit`` visible, unleased (or lease-expired) activity items, oldest first."""
 
     @abc.abstractmethod
-    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
-        """Delete each leased item and enqueue its completion atomically; return per-ack errors.
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[WorkItemAckResult]:
+        """Delete each leased item and enqueue its completion atomically; return per-ack results.
 
-        Fails permanently (in that ack's slot) if the item is gone or its lease is not held.
+        The result is ``None``, or with ``lock_instance`` the instance item locked directly (or
+        ``None`` if it is locked elsewhere). Fails permanently (in that ack's slot) if the item is
+        gone or its lease is not held.
         """
 
     @abc.abstractmethod
@@ -353,9 +390,11 @@ class Provider(abc.ABC):
         await asyncio.sleep(timeout)
 
     async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
-        """Wait until the instance's stored state may have changed, at most ``timeout`` seconds.
+        """Wait until the instance's status or custom status may have changed, at most ``timeout`` s.
 
-        Used by clients waiting on an orchestration. The default sleeps the whole timeout.
+        Used by clients waiting on an orchestration. An ack that only appends history need not
+        wake the waiters (a long chain of turns would otherwise wake them at every step). The
+        default sleeps the whole timeout.
         """
         await asyncio.sleep(timeout)
 
@@ -390,11 +429,13 @@ __all__ = [
     "InstanceInfo",
     "InstanceStatus",
     "OrchestrationAck",
+    "OrchestrationAckResult",
     "OrchestrationItem",
     "Provider",
     "ProviderError",
     "Queue",
     "WorkItemAck",
+    "WorkItemAckResult",
     "WorkItemLease",
     "decode_error",
     "encode_error",
