@@ -7,7 +7,13 @@ round trips behave as they do in a real store.
 
 Leases are on the wall clock (``time.time()``), and wake-ups are real: ``wait_for_work`` returns
 as soon as work is enqueued, becomes visible (a due timer, an ended abandon delay) or is freed by
-a lapsed lease; ``wait_for_instance_change`` returns as soon as an ack changes the instance.
+a lapsed lease; ``wait_for_instance_change`` returns as soon as an ack creates the instance or
+changes its status or custom status (an ack that only appends history wakes no one).
+
+Direct dispatch is supported: an orchestration ack can lease the activities it schedules to its
+caller, and a work-item ack can lock the instance its completion wakes. Both go through the very
+code a fetch uses (:meth:`InMemoryProvider._lease` and :meth:`InMemoryProvider._lock_instance`), so
+a direct hand-over is indistinguishable from the fetch it replaces.
 
 Every method runs to completion without awaiting, so each call is atomic on the event loop: no
 locks are needed. The provider is not thread-safe and belongs to the event loop that first waits
@@ -40,11 +46,13 @@ from perdure.provider import (
     ExecutionStatus,
     InstanceInfo,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 
@@ -143,13 +151,14 @@ class InMemoryProvider(Provider):
         self._worker_queue: list[_WorkRow] = []
         self._work_arrived: dict[Queue, _Broadcast] = {"orchestrator": _Broadcast(), "worker": _Broadcast()}
         self._instance_changed = _Broadcast()
-        #: instance id -> number of committed acks, so waiters can tell their instance changed.
+        #: instance id -> number of acks that created it or changed its status or custom status,
+        #: so waiters can tell their instance changed.
         self._change_counts: dict[str, int] = {}
 
     @property
     def capabilities(self) -> Capabilities:
-        """Wake-ups within this process; nothing is shared with other processes."""
-        return Capabilities(wakeups=True)
+        """Wake-ups within this process and direct dispatch; nothing is shared with other processes."""
+        return Capabilities(wakeups=True, direct_dispatch=True)
 
     # -- orchestrator queue ----------------------------------------------------------------
 
@@ -163,36 +172,13 @@ class InMemoryProvider(Provider):
                 key = (msg.visible_at_ms, msg.seq)
                 oldest[msg.instance_id] = min(oldest.get(msg.instance_id, key), key)
         chosen = sorted(oldest, key=oldest.__getitem__)[: max(limit, 0)]
+        return [self._lock_instance(instance_id, now, lock_timeout) for instance_id in chosen]
 
-        items: list[OrchestrationItem] = []
-        for instance_id in chosen:
-            token = f"orch-{uuid.uuid4().hex}"
-            self._instance_locks[instance_id] = _InstanceLock(token, now + lock_timeout)
-            messages: list[Message] = []
-            bad: list[str] = []
-            attempt = 0
-            for msg in self._orchestrator_queue:
-                if msg.instance_id != instance_id or msg.visible_at_ms > now_ms:
-                    continue
-                msg.lock_token = token  # re-tags messages of an expired lock too
-                msg.attempt_count += 1
-                attempt = max(attempt, msg.attempt_count)
-                try:
-                    decoded = decode_message(msg.payload)
-                    if not isinstance(decoded, Message):
-                        raise DecodeError(f"{decoded.TYPE} does not belong on the orchestrator queue")
-                    messages.append(decoded)
-                except DecodeError as exc:
-                    bad.append(f"message #{msg.seq}: {exc}")
-            info = self._info(instance_id)
-            items.append(OrchestrationItem(instance_id, token, attempt, messages, info, bad))
-        return items
-
-    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
         """Commit each ack on its own; a failing one leaves no trace and does not affect the others."""
         return [self._ack_orchestration(ack) for ack in acks]
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         op = "ack_orchestration_items"
         now = time.time()
         now_ms = _ms(now)
@@ -219,9 +205,14 @@ class InMemoryProvider(Provider):
             messages = [self._new_message(msg, now_ms) for msg in ack.orchestrator_items]
         except (TypeError, ValueError) as exc:
             return ProviderError(op, f"cannot encode the ack: {exc}", retryable=False)
+        direct = work_rows[: max(ack.lease_worker_items, 0)]
+        cancelled = set(ack.cancelled_activities)
+        if any(row.ref in cancelled for row in direct):
+            return ProviderError(op, "an activity to lease directly is also cancelled", retryable=False)
 
         # Apply: the instance is created here and nowhere else, and only by an ack that records
         # history (one without history just consumes its messages).
+        created = instance is None and bool(new_events)
         if instance is None and new_events:
             parent_id = ack.parent.instance_id if ack.parent else None
             instance = _Instance(ack.instance_id, parent_id, created_at_ms=now_ms, updated_at_ms=now_ms)
@@ -242,23 +233,26 @@ class InMemoryProvider(Provider):
             instance.updated_at_ms = now_ms
 
         # Insert new work *before* deleting cancelled activities, so scheduling and cancelling one
-        # activity in the same turn leaves nothing behind.
+        # activity in the same turn leaves nothing behind. Direct leases are taken as a fetch takes
+        # them, so the caller holds those items from the moment they exist.
         self._worker_queue.extend(work_rows)
+        leases = [self._lease(row, now, ack.worker_lease_timeout) for row in direct]
         self._orchestrator_queue.extend(messages)
-        cancelled = set(ack.cancelled_activities)
         if cancelled:
             self._worker_queue = [row for row in self._worker_queue if row.ref not in cancelled]
         # Only the messages tagged by this fetch: later arrivals are untagged and survive.
         self._orchestrator_queue = [m for m in self._orchestrator_queue if m.lock_token != ack.lock_token]
         del self._instance_locks[ack.instance_id]
 
-        self._change_counts[ack.instance_id] = self._change_counts.get(ack.instance_id, 0) + 1
-        self._instance_changed.fire()
-        if work_rows:
+        # Only what a client waiting on the instance can see wakes it: a history-only turn does not.
+        if instance is not None and (created or ack.status is not None or ack.custom_status_changed):
+            self._change_counts[ack.instance_id] = self._change_counts.get(ack.instance_id, 0) + 1
+            self._instance_changed.fire()
+        if len(work_rows) > len(direct):
             self._work_arrived["worker"].fire()
         if messages or any(m.instance_id == ack.instance_id for m in self._orchestrator_queue):
             self._work_arrived["orchestrator"].fire()  # new messages, or ones that arrived during the lock
-        return None
+        return leases if ack.lease_worker_items > 0 else None
 
     async def abandon_orchestration_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
@@ -298,23 +292,14 @@ class InMemoryProvider(Provider):
                 break
             if row.visible_at_ms > now_ms or (row.lock_token is not None and row.locked_until > now):
                 continue
-            row.lock_token = f"work-{uuid.uuid4().hex}"
-            row.locked_until = now + lock_timeout
-            row.attempt_count += 1
-            try:
-                item = decode_message(row.payload)
-                if not isinstance(item, ActivityExecute):
-                    raise DecodeError(f"{item.TYPE} does not belong on the worker queue")
-                leases.append(WorkItemLease(row.lock_token, row.attempt_count, row.ref, item))
-            except DecodeError as exc:
-                leases.append(WorkItemLease(row.lock_token, row.attempt_count, row.ref, None, str(exc)))
+            leases.append(self._lease(row, now, lock_timeout))
         return leases
 
-    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[WorkItemAckResult]:
         """Delete each leased item and enqueue its completion, or report why not."""
         return [self._ack_work(ack) for ack in acks]
 
-    def _ack_work(self, ack: WorkItemAck) -> ProviderError | None:
+    def _ack_work(self, ack: WorkItemAck) -> WorkItemAckResult:
         now = time.time()
         row = self._leased_row(ack.lock_token, now)
         if row is None:  # cancelled (row deleted), lease lapsed or taken, or already acked
@@ -324,9 +309,13 @@ class InMemoryProvider(Provider):
         except (TypeError, ValueError) as exc:
             return ProviderError("ack_work_items", f"cannot encode the completion: {exc}", retryable=False)
         self._worker_queue.remove(row)
-        if completion is not None:
-            self._orchestrator_queue.append(completion)
-            self._work_arrived["orchestrator"].fire()
+        if completion is None:
+            return None
+        self._orchestrator_queue.append(completion)
+        # Direct dispatch: take the instance exactly as a fetch would, if no one holds it.
+        if ack.lock_instance is not None and not self._is_locked(completion.instance_id, now):
+            return self._lock_instance(completion.instance_id, now, ack.lock_instance)
+        self._work_arrived["orchestrator"].fire()
         return None
 
     async def abandon_work_item(
@@ -396,7 +385,7 @@ class InMemoryProvider(Provider):
         await self._work_arrived[queue].wait(timeout)
 
     async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
-        """Return once an ack has changed the instance, or after ``timeout`` seconds."""
+        """Return once an ack creates the instance or changes its status or custom status, or at timeout."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         seen = self._change_counts.get(instance_id, 0)
@@ -431,6 +420,42 @@ class InMemoryProvider(Provider):
         return max(counts, default=0)
 
     # -- internals -------------------------------------------------------------------------
+
+    def _lock_instance(self, instance_id: str, now: float, lock_timeout: float) -> OrchestrationItem:
+        """Lock an instance that no one holds and tag its visible messages: a fetch, or a direct lock."""
+        now_ms = _ms(now)
+        token = f"orch-{uuid.uuid4().hex}"
+        self._instance_locks[instance_id] = _InstanceLock(token, now + lock_timeout)
+        messages: list[Message] = []
+        bad: list[str] = []
+        attempt = 0
+        for msg in self._orchestrator_queue:
+            if msg.instance_id != instance_id or msg.visible_at_ms > now_ms:
+                continue
+            msg.lock_token = token  # re-tags messages of an expired lock too
+            msg.attempt_count += 1
+            attempt = max(attempt, msg.attempt_count)
+            try:
+                decoded = decode_message(msg.payload)
+                if not isinstance(decoded, Message):
+                    raise DecodeError(f"{decoded.TYPE} does not belong on the orchestrator queue")
+                messages.append(decoded)
+            except DecodeError as exc:
+                bad.append(f"message #{msg.seq}: {exc}")
+        return OrchestrationItem(instance_id, token, attempt, messages, self._info(instance_id), bad)
+
+    def _lease(self, row: _WorkRow, now: float, lock_timeout: float) -> WorkItemLease:
+        """Lease a worker row that no live lease holds: a fetch, or a direct lease at insertion."""
+        row.lock_token = f"work-{uuid.uuid4().hex}"
+        row.locked_until = now + lock_timeout
+        row.attempt_count += 1
+        try:
+            item = decode_message(row.payload)
+            if not isinstance(item, ActivityExecute):
+                raise DecodeError(f"{item.TYPE} does not belong on the worker queue")
+            return WorkItemLease(row.lock_token, row.attempt_count, row.ref, item)
+        except DecodeError as exc:
+            return WorkItemLease(row.lock_token, row.attempt_count, row.ref, None, str(exc))
 
     def _is_locked(self, instance_id: str, now: float) -> bool:
         lock = self._instance_locks.get(instance_id)
