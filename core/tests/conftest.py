@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,6 +48,16 @@ async def provider(tmp_path: Path) -> AsyncIterator[Provider]:
         await store.close()
 
 
-@pytest.fixture(params=[10_000, 0], ids=["cache", "nocache"])
-def cache_size(request: pytest.FixtureRequest) -> int:
-    return int(request.param)
+#: How the runtime under test runs: the orchestration cache on or off, and work handed over by
+#: direct dispatch or through the queues' fetches. Results must be identical in every mode.
+MODES: dict[str, dict[str, Any]] = {
+    "cache": {"cache_size": 10_000, "direct_dispatch": True},
+    "nocache": {"cache_size": 0, "direct_dispatch": True},
+    "queued": {"cache_size": 10_000, "direct_dispatch": False},
+}
+
+
+@pytest.fixture(params=list(MODES))
+def mode(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Runtime options of one mode (see MODES)."""
+    return MODES[request.param]

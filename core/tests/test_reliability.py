@@ -88,14 +88,21 @@ FAULTS: dict[str, tuple[Inject, bool]] = {
 }
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "queued"])
 @pytest.mark.parametrize("fault", list(FAULTS))
-async def test_runtime_survives_provider_fault(provider: Provider, reference: list[str], fault: str) -> None:
+async def test_runtime_survives_provider_fault(
+    provider: Provider, reference: list[str], fault: str, direct: bool
+) -> None:
+    """Each fault, with work handed over directly by acks and through the queues' fetches."""
+    if direct and fault == "worker fetch fails" and provider.capabilities.direct_dispatch:
+        pytest.skip("with direct dispatch every activity here is leased by a turn's ack, never fetched")
     inject, may_rerun = FAULTS[fault]
     faulty = FaultyProvider(provider)
     inject(faulty)
     runs.clear()
     client = Client(provider)  # the faults are the runtime's to survive, not the test's
-    async with Runtime(faulty, app, options(cache_size=0 if "history" in fault else 10_000)):
+    cache_size = 0 if "history" in fault else 10_000
+    async with Runtime(faulty, app, options(cache_size=cache_size, direct_dispatch=direct)):
         instance = await client.start_orchestration(pipeline, "x")
         status = await client.wait_for_orchestration(instance, timeout=30)
         history = shape(await client.read_history(instance))

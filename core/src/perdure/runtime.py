@@ -11,6 +11,12 @@ Acks go through a :class:`_Batcher`: whatever finished while the previous ack wa
 committed together in the next provider call, so a busy runtime pays one durable commit for many
 turns while an idle one commits at once. Live orchestration coroutines are kept in a bounded LRU
 cache, so a turn on a cached instance reads no history and replays nothing.
+
+With a provider that supports direct dispatch, work hands over between the two dispatchers
+without the queues' fetches: a turn's ack leases the activities it schedules to this runtime
+(while activity slots are free) and they start as soon as it commits; an activity's ack locks the
+instance its result is for (when no one else holds it) and the turn runs at once. A sequential
+workflow then costs two provider calls per step instead of four.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ from perdure.errors import NondeterminismError
 from perdure.limits import HISTORY_WARNING_EVENTS, check_payload
 from perdure.provider import (
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
     encode_error,
 )
@@ -50,6 +58,7 @@ from perdure.serialization import dumps, loads
 _log = logging.getLogger("perdure.runtime")
 
 A = TypeVar("A")
+R = TypeVar("R")
 
 #: Seconds a cancelled activity gets to stop by itself at shutdown before it is abandoned.
 _CANCEL_GRACE = 1.0
@@ -77,6 +86,11 @@ class RuntimeOptions:
         unknown_name_max_backoff: cap of that delay.
         cache_size: live orchestrations kept in memory (0 disables the cache; results are the same).
         shutdown_timeout: how long shutdown waits for in-flight activities by default.
+        direct_dispatch: hand work from an ack straight to this runtime when the provider
+            supports it (``capabilities.direct_dispatch``): activities a turn schedules run here
+            without a fetch while slots are free, and the turn an activity's result wakes runs
+            here without a fetch. Off, every hand-over goes through the queues; results are the
+            same either way.
 
     """
 
@@ -93,25 +107,26 @@ class RuntimeOptions:
     unknown_name_max_backoff: float = 60.0
     cache_size: int = 10_000
     shutdown_timeout: float = 30.0
+    direct_dispatch: bool = True
 
 
-class _Batcher(Generic[A]):
+class _Batcher(Generic[A, R]):
     """Coalesce concurrent submissions into one provider call; each caller gets its own result."""
 
-    def __init__(self, call: Callable[[Sequence[A]], Awaitable[list[ProviderError | None]]]) -> None:
+    def __init__(self, call: Callable[[Sequence[A]], Awaitable[list[R | ProviderError]]]) -> None:
         self._call = call
-        self._pending: list[tuple[A, asyncio.Future[ProviderError | None]]] = []
+        self._pending: list[tuple[A, asyncio.Future[R | ProviderError]]] = []
         self._flushing = False
         #: The task committing the current batch, if any (shutdown waits for it).
         self.flusher: asyncio.Future[None] | None = None
 
-    def submit(self, items: Sequence[A]) -> asyncio.Future[list[ProviderError | None]]:
+    def submit(self, items: Sequence[A]) -> asyncio.Future[list[R | ProviderError]]:
         """Queue ``items``; the future resolves with their results, in order."""
         return asyncio.gather(*(self.submit_one(item) for item in items))
 
-    def submit_one(self, item: A) -> asyncio.Future[ProviderError | None]:
+    def submit_one(self, item: A) -> asyncio.Future[R | ProviderError]:
         """Queue one item now (its provider call is scheduled before any later submission's)."""
-        future: asyncio.Future[ProviderError | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[R | ProviderError] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         if not self._flushing:
             self._flushing = True
@@ -122,6 +137,7 @@ class _Batcher(Generic[A]):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                results: list[R | ProviderError]
                 try:
                     results = await self._call([item for item, _ in batch])
                 except ProviderError as exc:
@@ -134,6 +150,47 @@ class _Batcher(Generic[A]):
                         future.set_result(result)
         finally:
             self._flushing = False
+
+
+class _Slots:
+    """Free activity slots: the worker loop waits for one, a direct lease takes what is free now."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def take(self) -> None:
+        """Take one slot, waiting until one is released."""
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted just as we were cancelled: hand it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def try_take(self, wanted: int) -> int:
+        """Take up to ``wanted`` slots that are free right now; return how many were taken."""
+        taken = min(wanted, self.free) if wanted > 0 else 0
+        self.free -= taken
+        return taken
+
+    def release(self, count: int = 1) -> None:
+        """Give back ``count`` slots, waking waiters first."""
+        for _ in range(count):
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+            else:
+                self.free += 1
 
 
 class _Waker:
@@ -237,9 +294,13 @@ class Runtime:
         self.options = options or RuntimeOptions()
         self.client = Client(provider, registry)
         self._cache = _EngineCache(self.options.cache_size)
-        self._orch_acks: _Batcher[OrchestrationAck] = _Batcher(provider.ack_orchestration_items)
-        self._work_acks: _Batcher[WorkItemAck] = _Batcher(provider.ack_work_items)
+        self._orch_acks: _Batcher[OrchestrationAck, OrchestrationAckResult] = _Batcher(
+            provider.ack_orchestration_items
+        )
+        self._work_acks: _Batcher[WorkItemAck, WorkItemAckResult] = _Batcher(provider.ack_work_items)
         self._tasks: list[asyncio.Task[None]] = []
+        #: Turns started by a direct hand-over from an activity's ack (shutdown waits for them).
+        self._direct_turns: set[asyncio.Future[None]] = set()
         self._activities: dict[str, _Running] = {}
         self._by_ref: dict[h.ActivityRef, str] = {}
         self._bodies: dict[OrchestrationDef, Callable[[Engine, str], Any]] = {}
@@ -247,8 +308,10 @@ class Runtime:
         self._thread_done: list[tuple[WorkItemLease, concurrent.futures.Future[Any]]] = []
         self._drain_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._slots: asyncio.Semaphore | None = None
-        self._ordered_calls = provider.capabilities.ordered_calls
+        self._slots = _Slots(self.options.activity_concurrency)
+        capabilities = provider.capabilities
+        self._ordered_calls = capabilities.ordered_calls
+        self._direct = self.options.direct_dispatch and capabilities.direct_dispatch
         self._orchestrator_waker = _Waker(provider, "orchestrator")
         self._worker_waker = _Waker(provider, "worker")
         self._pool: ThreadPoolExecutor | None = None
@@ -263,7 +326,6 @@ class Runtime:
         await self.provider.open()
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self._slots = asyncio.Semaphore(self.options.activity_concurrency)
         self._pool = ThreadPoolExecutor(
             max_workers=self.options.thread_pool_size or self.options.activity_concurrency,
             thread_name_prefix="perdure-activity",
@@ -309,6 +371,8 @@ class Runtime:
             await asyncio.gather(
                 *(e.task for e in self._activities.values() if e.task), return_exceptions=True
             )
+        while self._direct_turns:
+            await asyncio.gather(*self._direct_turns, return_exceptions=True)
         # Acks already handed to the provider finish before the caller may close it.
         flushing = [b.flusher for b in (self._orch_acks, self._work_acks) if b.flusher is not None]
         await asyncio.gather(*flushing, return_exceptions=True)
@@ -341,19 +405,34 @@ class Runtime:
             if not items:
                 await self._orchestrator_waker.wait(options.poll_interval)
                 continue
-            # Turns on cached or new instances never wait on I/O: run them in line. Only cache
-            # misses read history, and those reads run concurrently.
-            cold = [item for item in items if self._needs_history(item)]
-            cold_ids = {id(item) for item in cold}
-            hot = [await self._turn(item) for item in items if id(item) not in cold_ids]
-            if cold:
-                hot.extend(await asyncio.gather(*(self._turn(item) for item in cold)))
-            acks = [ack for ack in hot if ack is not None]
-            if acks:
-                await self._commit_turns(acks)
+            await self._run_items(items)
             if len(items) < options.orchestration_batch:
                 # We took everything that was ready; sleep until the provider signals more.
                 await self._orchestrator_waker.wait(options.poll_interval)
+
+    async def _run_items(self, items: Sequence[OrchestrationItem]) -> None:
+        """Run one turn of each locked instance and commit them together."""
+        # Turns on cached or new instances never wait on I/O: run them in line. Only cache
+        # misses read history, and those reads run concurrently.
+        cold = [item for item in items if self._needs_history(item)]
+        cold_ids = {id(item) for item in cold}
+        hot = [await self._turn(item) for item in items if id(item) not in cold_ids]
+        if cold:
+            hot.extend(await asyncio.gather(*(self._turn(item) for item in cold)))
+        acks = [ack for ack in hot if ack is not None]
+        if acks:
+            await self._commit_turns(acks)
+
+    def _run_direct(self, item: OrchestrationItem) -> None:
+        """Run the turn of an instance an activity's ack locked for us, outside the fetch loops."""
+        turn = asyncio.ensure_future(self._run_items([item]))
+        self._direct_turns.add(turn)
+        turn.add_done_callback(self._direct_turn_done)
+
+    def _direct_turn_done(self, turn: asyncio.Future[None]) -> None:
+        self._direct_turns.discard(turn)
+        if not turn.cancelled() and turn.exception() is not None:
+            _log.error("a directly dispatched turn failed", exc_info=turn.exception())
 
     async def _backoff(self, what: str, error: Exception, failures: int) -> None:
         """Log a failed fetch and wait before the next one (exponential, capped)."""
@@ -366,41 +445,66 @@ class Runtime:
         await asyncio.sleep(delay)
 
     async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
+        if self._direct and self._running:
+            for ack in acks:
+                self._lease_directly(ack)
         pending = acks
         for attempt in range(1, _ACK_ATTEMPTS + 1):
             submitted = self._orch_acks.submit(pending)
-            produces_work = any(ack.worker_items for ack in pending)
-            if produces_work and self._ordered_calls:
+            queued_work = any(len(ack.worker_items) > ack.lease_worker_items for ack in pending)
+            if queued_work and self._ordered_calls:
                 self._worker_waker.nudge()
             results = await submitted
-            if produces_work and not self._ordered_calls:
+            if queued_work and not self._ordered_calls:
                 self._worker_waker.nudge()
             retry: list[OrchestrationAck] = []
-            for ack, error in zip(pending, results, strict=True):
-                if error is None:
-                    self._after_commit(ack)
+            for ack, result in zip(pending, results, strict=True):
+                if not isinstance(result, ProviderError):
+                    self._after_commit(ack, result)
                     continue
                 self._cache.evict(ack.instance_id)
-                if error.retryable and attempt < _ACK_ATTEMPTS:
-                    retry.append(ack)
-                else:
-                    _log.warning(
-                        "turn of %r was not committed (%s); it will run again", ack.instance_id, error
-                    )
-                    if error.retryable:
-                        await self._abandon_turn(ack.lock_token)
+                if result.retryable and attempt < _ACK_ATTEMPTS:
+                    retry.append(ack)  # its reserved slots stay reserved for the retry
+                    continue
+                self._slots.release(ack.lease_worker_items)
+                _log.warning("turn of %r was not committed (%s); it will run again", ack.instance_id, result)
+                if result.retryable:
+                    await self._abandon_turn(ack.lock_token)
             if not retry:
                 return
             await asyncio.sleep(0.05 * attempt)
             pending = retry
 
-    def _after_commit(self, ack: OrchestrationAck) -> None:
-        """Tell activities of this process that the committed turn cancelled them."""
+    def _lease_directly(self, ack: OrchestrationAck) -> None:
+        """Ask the ack to lease its leading activities to us, one free slot each."""
+        if not ack.worker_items:
+            return
+        wanted = len(ack.worker_items)
+        if ack.cancelled_activities:
+            cancelled = set(ack.cancelled_activities)
+            wanted = next(
+                (
+                    n
+                    for n, item in enumerate(ack.worker_items)
+                    if h.ActivityRef(item.instance_id, item.execution_id, item.activity_id) in cancelled
+                ),
+                wanted,
+            )
+        ack.lease_worker_items = self._slots.try_take(wanted)
+        ack.worker_lease_timeout = self.options.activity_lock_timeout
+
+    def _after_commit(self, ack: OrchestrationAck, leases: list[WorkItemLease] | None) -> None:
+        """Start the activities the ack leased to us; signal those it cancelled."""
         for ref in ack.cancelled_activities:
             token = self._by_ref.get(ref)
             entry = self._activities.get(token) if token is not None else None
             if entry is not None:
                 entry.ctx._cancel()
+        if ack.lease_worker_items:
+            leases = leases or []
+            self._slots.release(ack.lease_worker_items - len(leases))
+            for lease in leases:
+                self._start(lease)
 
     async def _abandon_turn(self, lock_token: str, delay: float = 0.0) -> None:
         try:
@@ -655,39 +759,37 @@ class Runtime:
     async def _worker_loop(self) -> None:
         options = self.options
         slots = self._slots
-        assert slots is not None
         failures = 0
         while True:
-            await slots.acquire()
-            free = 1
-            while free < options.worker_batch and not slots.locked():
-                await slots.acquire()
-                free += 1
+            await slots.take()
+            free = 1 + slots.try_take(options.worker_batch - 1)
             try:
                 leases = await self.provider.fetch_work_items(free, options.activity_lock_timeout)
                 failures = 0
             except Exception as exc:
-                for _ in range(free):
-                    slots.release()
+                slots.release(free)
                 failures += 1
                 await self._backoff("fetch activity work", exc, failures)
                 continue
-            for _ in range(free - len(leases)):
-                slots.release()
+            slots.release(free - len(leases))
             if not leases:
                 await self._worker_waker.wait(options.poll_interval)
                 continue
             for lease in leases:
-                try:
-                    self._launch(lease)
-                except Exception:  # never lose the dispatcher; the lease lapses and is retried
-                    _log.exception("could not start activity %s", lease.ref)
-                    if lease.lock_token in self._activities:
-                        self._release(lease)
-                    else:
-                        slots.release()
+                self._start(lease)
             if len(leases) < free:
                 await self._worker_waker.wait(options.poll_interval)
+
+    def _start(self, lease: WorkItemLease) -> None:
+        """Start a leased activity that holds a slot; on a bug, free the slot and let the lease lapse."""
+        try:
+            self._launch(lease)
+        except Exception:  # never lose the dispatcher; the lease lapses and is retried
+            _log.exception("could not start activity %s", lease.ref)
+            if lease.lock_token in self._activities:
+                self._release(lease)
+            else:
+                self._slots.release()
 
     def _launch(self, lease: WorkItemLease) -> None:
         """Start one leased activity: in the thread pool (sync) or as a task (async)."""
@@ -825,23 +927,33 @@ class Runtime:
         self._release(lease)
 
     def _finish(self, lease: WorkItemLease, completion: h.Message, attempt: int = 1) -> None:
-        """Ack the activity with its completion (batched with others) and free its slot."""
+        """Ack the activity with its completion (batched with others) and free its slot.
+
+        With direct dispatch the ack also locks the instance the completion is for, and its turn
+        runs here at once; otherwise the orchestration dispatcher is nudged to fetch it.
+        """
         if lease.lock_token not in self._activities:
             return  # released at shutdown; its lease went back to the queue
-        acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion))
-        if self._ordered_calls:
+        direct = self._direct and self._running
+        lock = self.options.orchestration_lock_timeout if direct else None
+        acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion, lock))
+        if self._ordered_calls and not direct:
             self._orchestrator_waker.nudge()
-        acked.add_done_callback(functools.partial(self._acked, lease, completion, attempt))
+        acked.add_done_callback(functools.partial(self._acked, lease, completion, attempt, direct))
 
     def _acked(
         self,
         lease: WorkItemLease,
         completion: h.Message,
         attempt: int,
-        acked: asyncio.Future[ProviderError | None],
+        direct: bool,
+        acked: asyncio.Future[WorkItemAckResult],
     ) -> None:
-        error = acked.result()
-        if error is None and not self._ordered_calls:
+        result = acked.result()
+        error = result if isinstance(result, ProviderError) else None
+        if isinstance(result, OrchestrationItem):
+            self._run_direct(result)
+        elif error is None and (direct or not self._ordered_calls):
             self._orchestrator_waker.nudge()
         if error is not None and error.retryable and attempt < _ACK_ATTEMPTS and self._running:
             # A blip (busy store, dropped connection): the lease is likely still ours, so retry
@@ -865,7 +977,6 @@ class Runtime:
         self._by_ref.pop(lease.ref, None)
         if not running.done.done():
             running.done.set_result(None)
-        assert self._slots is not None
         self._slots.release()
 
     async def _renewal_loop(self) -> None:
