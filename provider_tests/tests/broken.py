@@ -15,10 +15,12 @@ from perdure.history import ContinueAsNew, Message, StartOrchestration, decode_m
 from perdure.provider import (
     Capabilities,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 from perdure.testing import InMemoryProvider as InMemoryProvider  # re-exported for the pytester conftest
@@ -28,18 +30,18 @@ from perdure.testing.memory import _Execution, _Instance, _InstanceLock, _Queued
 class DeletesUntaggedMessages(InMemoryProvider):
     """Its ack deletes every message of the instance (``WHERE instance_id = ?``), not the tagged ones."""
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         before = [m for m in self._orchestrator_queue if m.instance_id == ack.instance_id]
-        error = super()._ack_orchestration(ack)
-        if error is None:
+        result = super()._ack_orchestration(ack)
+        if not isinstance(result, ProviderError):
             self._orchestrator_queue = [m for m in self._orchestrator_queue if m not in before]
-        return error
+        return result
 
 
 class SkipsLockValidation(InMemoryProvider):
     """It never validates lock tokens or leases at commit: any ack of any instance goes through."""
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         self._instance_locks[ack.instance_id] = _InstanceLock(ack.lock_token, time.time() + 60)
         return super()._ack_orchestration(ack)
 
@@ -60,7 +62,7 @@ class LocksTwice(InMemoryProvider):
 class CancelsBeforeInserting(InMemoryProvider):
     """Its ack deletes cancelled activities before inserting the new ones, so a same-turn cancel misses."""
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         cancelled = set(ack.cancelled_activities)
         self._worker_queue = [row for row in self._worker_queue if row.ref not in cancelled]
         return super()._ack_orchestration(dataclasses.replace(ack, cancelled_activities=()))
@@ -81,7 +83,7 @@ class CreatesOnEnqueue(InMemoryProvider):
 class AppliesHistoryBeforeValidating(InMemoryProvider):
     """Its ack writes history event by event: a duplicate id fails the ack half-way through."""
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         lock = self._instance_locks.get(ack.instance_id)
         instance = self._instances.get(ack.instance_id)
         if lock is not None and lock.token == ack.lock_token and instance is not None:
@@ -100,7 +102,7 @@ class AppliesHistoryBeforeValidating(InMemoryProvider):
 class OverwritesHistory(InMemoryProvider):
     """Its ack upserts events: a duplicate event id silently replaces the stored event."""
 
-    def _ack_orchestration(self, ack: OrchestrationAck) -> ProviderError | None:
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
         instance = self._instances.get(ack.instance_id)
         execution = instance.executions.get(ack.execution_id) if instance else None
         lock = self._instance_locks.get(ack.instance_id)
@@ -181,11 +183,75 @@ class LeasesNeverLapse(InMemoryProvider):
 class EnqueuesCompletionOfCancelledWork(InMemoryProvider):
     """Its work ack enqueues the completion even when the leased row is gone (not one transaction)."""
 
-    def _ack_work(self, ack: WorkItemAck) -> ProviderError | None:
-        error = super()._ack_work(ack)
-        if error is not None and ack.completion is not None:
+    def _ack_work(self, ack: WorkItemAck) -> WorkItemAckResult:
+        result = super()._ack_work(ack)
+        if isinstance(result, ProviderError) and ack.completion is not None:
             self._orchestrator_queue.append(self._new_message(ack.completion, int(time.time() * 1000)))
-        return error
+        return result
+
+
+class LeasesDirectItemsUnleased(InMemoryProvider):
+    """It declares direct dispatch but inserts the "leased" items unleased: any fetcher can take them."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        result = super()._ack_orchestration(ack)
+        if isinstance(result, list):
+            tokens = {lease.lock_token for lease in result}
+            for row in self._worker_queue:
+                if row.lock_token in tokens:
+                    row.lock_token, row.locked_until, row.attempt_count = None, 0.0, 0
+        return result
+
+
+class LeasesDirectItemsOnFailedAcks(InMemoryProvider):
+    """It takes direct leases before validating the ack: a failed ack still enqueues its items, leased."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        result = super()._ack_orchestration(ack)
+        if isinstance(result, ProviderError) and ack.lease_worker_items > 0:
+            now = time.time()
+            for item in ack.worker_items[: ack.lease_worker_items]:
+                row = self._new_work_row(item, int(now * 1000))
+                self._worker_queue.append(row)
+                self._lease(row, now, ack.worker_lease_timeout)
+        return result
+
+
+class DirectLockIgnoresExistingLock(InMemoryProvider):
+    """Its direct lock overwrites whatever lock the completion's instance has (an upsert of the lock row)."""
+
+    def _ack_work(self, ack: WorkItemAck) -> WorkItemAckResult:
+        leased = self._leased_row(ack.lock_token, time.time()) is not None
+        if leased and ack.lock_instance is not None and ack.completion is not None:
+            self._instance_locks.pop(ack.completion.instance_id, None)
+        return super()._ack_work(ack)
+
+
+class DirectLockTakesOnlyTheCompletion(InMemoryProvider):
+    """Its direct lock tags only the completion it enqueued, not the instance's other visible messages."""
+
+    def _ack_work(self, ack: WorkItemAck) -> WorkItemAckResult:
+        result = super()._ack_work(ack)
+        if isinstance(result, OrchestrationItem) and ack.completion is not None:
+            for msg in self._orchestrator_queue:
+                if msg.lock_token == result.lock_token and decode_message(msg.payload) != ack.completion:
+                    msg.lock_token = None
+                    msg.attempt_count -= 1
+            result.messages = [ack.completion]
+            result.attempt_count = 1
+        return result
+
+
+class DirectLockOnLostLease(InMemoryProvider):
+    """Its work ack takes the direct lock before checking the lease, and keeps it when the ack fails."""
+
+    def _ack_work(self, ack: WorkItemAck) -> WorkItemAckResult:
+        result = super()._ack_work(ack)
+        if isinstance(result, ProviderError) and ack.lock_instance is not None and ack.completion:
+            now = time.time()
+            if not self._is_locked(ack.completion.instance_id, now):
+                self._lock_instance(ack.completion.instance_id, now, ack.lock_instance)
+        return result
 
 
 class NoWakeupsDeclared(InMemoryProvider):
@@ -257,4 +323,22 @@ CATCHES: dict[type[InMemoryProvider], list[str]] = {
         "test_racing_fetchers_take_a_lapsed_lease_once",
     ],
     EnqueuesCompletionOfCancelledWork: ["test_failed_ack_of_a_cancelled_activity_enqueues_nothing"],
+    LeasesDirectItemsUnleased: [
+        "test_only_the_first_n_items_are_leased",
+        "test_directly_leased_items_are_not_fetchable",
+        "test_lapsed_direct_lease_is_fetched_again",
+        "test_direct_lease_acks_renews_and_abandons",
+        "test_direct_and_plain_orchestration_acks_mix_in_a_batch",
+    ],
+    LeasesDirectItemsOnFailedAcks: ["test_failed_direct_ack_leases_nothing"],
+    DirectLockIgnoresExistingLock: [
+        "test_second_completion_waits_for_the_direct_lock",
+        "test_instance_held_by_a_fetcher_is_not_locked_directly",
+        "test_direct_and_plain_work_acks_mix_in_a_batch",
+    ],
+    DirectLockTakesOnlyTheCompletion: [
+        "test_direct_lock_holds_every_visible_message",
+        "test_lapsed_lock_does_not_stop_a_direct_lock",
+    ],
+    DirectLockOnLostLease: ["test_lost_lease_with_lock_instance_locks_nothing"],
 }

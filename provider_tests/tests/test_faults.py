@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
-from perdure.provider import ProviderError, WorkItemAck
+from perdure.provider import OrchestrationItem, ProviderError, WorkItemAck
 from perdure.testing import InMemoryProvider
 from perdure_provider_tests.faults import OPERATIONS, FaultyProvider
 from perdure_provider_tests.helpers import (
     ack_for,
+    activity,
     enqueue,
     event_message,
     fetch_one,
     fetch_one_work,
     raised,
+    result_message,
     schedule_activities,
+    scheduled,
     start_instance,
 )
 
@@ -153,3 +157,52 @@ async def test_wakeups_pass_through(faulty: FaultyProvider) -> None:
     start = time.monotonic()
     await faulty.wait_for_work("orchestrator", 10)  # the inner provider returns at once: work waits
     assert time.monotonic() - start < 1
+
+
+async def test_direct_dispatch_passes_through(faulty: FaultyProvider) -> None:
+    """The wrapper declares the inner provider's direct dispatch and hands its leases and locks through."""
+    assert faulty.capabilities.direct_dispatch is faulty.inner.capabilities.direct_dispatch is True
+    await start_instance(faulty, "i")
+    await enqueue(faulty, event_message("i"))
+    item = await fetch_one(faulty, "i")
+    work = activity("i", 2)
+    ack = ack_for(item, history=[scheduled(2)], worker_items=[work], lease_worker_items=1)
+    [leases] = await faulty.ack_orchestration_items([ack])
+    assert isinstance(leases, list)
+    assert [(lease.item, lease.attempt_count) for lease in leases] == [(work, 1)]
+    completion = result_message("i", 2)
+    [locked] = await faulty.ack_work_items([WorkItemAck(leases[0].lock_token, completion, lock_instance=60)])
+    assert isinstance(locked, OrchestrationItem)
+    assert locked.messages == [completion]
+
+
+async def test_ack_then_fail_loses_direct_leases_until_they_lapse(faulty: FaultyProvider) -> None:
+    """A lost reply loses the leases it carried: the items wait out the lease, then are fetched again."""
+    await start_instance(faulty, "i")
+    await enqueue(faulty, event_message("i"))
+    item = await fetch_one(faulty, "i")
+    work = activity("i", 2)
+    ack = ack_for(
+        item, history=[scheduled(2)], worker_items=[work], lease_worker_items=1, worker_lease_timeout=0.1
+    )
+    faulty.ack_then_fail("orchestrator")
+    with pytest.raises(ProviderError):
+        await faulty.ack_orchestration_items([ack])
+    assert await faulty.fetch_work_items(10, 60) == []  # leased to a caller that never saw the lease
+    await asyncio.sleep(0.15)
+    again = await fetch_one_work(faulty)
+    assert (again.item, again.attempt_count) == (work, 2)
+
+
+async def test_ack_then_fail_loses_a_direct_lock_until_it_lapses(faulty: FaultyProvider) -> None:
+    """A lost reply loses the instance it locked: the completion waits out the lock, then is fetched again."""
+    await schedule_activities(faulty, "i", 1)
+    lease = await fetch_one_work(faulty)
+    completion = result_message("i", 2)
+    faulty.ack_then_fail("worker")
+    with pytest.raises(ProviderError):
+        await faulty.ack_work_items([WorkItemAck(lease.lock_token, completion, lock_instance=0.1)])
+    assert await faulty.fetch_orchestration_items(10, 60) == []
+    await asyncio.sleep(0.15)
+    again = await fetch_one(faulty, "i")
+    assert (again.messages, again.attempt_count) == ([completion], 2)

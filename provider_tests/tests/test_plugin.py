@@ -78,12 +78,14 @@ def test_missing_hooks_and_capabilities_skip_with_a_reason(pytester: pytest.Pyte
         "test_conformance.py::test_recovers_after_connections_drop",
         "test_conformance.py::test_abandon_wakes_waiters",
         "test_conformance.py::test_empty_fetch_returns_promptly",
+        "test_conformance.py::test_direct_lease_acks_renews_and_abandons",
     )
-    result.assert_outcomes(passed=2, skipped=3)
+    result.assert_outcomes(passed=2, skipped=4)
     result.stdout.fnmatch_lines(
         [
             "*hook 'drop_connections' not implemented by Factory*",
             "*capability 'wakeups' not declared by the 'memory' provider*",
+            "*capability 'direct_dispatch' not declared by the 'memory' provider*",
         ]
     )
 
@@ -103,7 +105,7 @@ def test_prints_a_report_per_area(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*perdure provider conformance*",
-            "provider: memory  capabilities: wakeups, max_payload_bytes=16777216",
+            "provider: memory  capabilities: wakeups, direct_dispatch, max_payload_bytes=16777216",
             "area*passed*failed*skipped",
             "errors*0*0*1",
             "locking*1*0*0",

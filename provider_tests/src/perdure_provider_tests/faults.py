@@ -14,6 +14,13 @@ raises before the call reaches the wrapped provider, so nothing happens. A *fail
 call reach the wrapped provider (it commits) and then raises a retryable error, as when a
 connection drops between COMMIT and the reply. A *delay* sleeps before the call. Every call is
 counted in :attr:`FaultyProvider.calls`, every injected fault in :attr:`FaultyProvider.injected`.
+
+The wrapper declares exactly the wrapped provider's capabilities and hands its ack results
+(direct-dispatch leases and locked items included) through unchanged. A fail-after of an ack that
+asked for a direct hand-over hides the result like any other: the leases and the instance lock it
+granted reach no caller and simply lapse, after which the work is fetched again at a higher
+attempt count, exactly as after a real reply lost to a dropped connection. Nothing is released
+on the caller's behalf, because a lost reply cannot release anything either.
 """
 
 from __future__ import annotations
@@ -29,11 +36,13 @@ from perdure.provider import (
     Capabilities,
     InstanceInfo,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 
@@ -146,7 +155,11 @@ class FaultyProvider(Provider):
         )
 
     def ack_then_fail(self, queue: Queue | None = None, *, times: int = 1) -> None:
-        """Let the next ack call(s) of ``queue`` commit, then raise as if the connection dropped."""
+        """Let the next ack call(s) of ``queue`` commit, then raise as if the connection dropped.
+
+        Direct hand-overs the acks granted (leases, a locked instance) are lost with the reply and
+        lapse on their own.
+        """
         self.fail_after_next(_per_queue(_ACK, queue), times=times)
 
     def drop_connections(self, *, times: int = 3) -> None:
@@ -178,7 +191,7 @@ class FaultyProvider(Provider):
             "fetch_orchestration_items", lambda: self.inner.fetch_orchestration_items(limit, lock_timeout)
         )
 
-    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
         """See :meth:`Provider.ack_orchestration_items`."""
         return await self._call("ack_orchestration_items", lambda: self.inner.ack_orchestration_items(acks))
 
@@ -203,7 +216,7 @@ class FaultyProvider(Provider):
         """See :meth:`Provider.fetch_work_items`."""
         return await self._call("fetch_work_items", lambda: self.inner.fetch_work_items(limit, lock_timeout))
 
-    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[WorkItemAckResult]:
         """See :meth:`Provider.ack_work_items`."""
         return await self._call("ack_work_items", lambda: self.inner.ack_work_items(acks))
 

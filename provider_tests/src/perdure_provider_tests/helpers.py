@@ -38,15 +38,20 @@ from perdure.history import (
 from perdure.provider import (
     InstanceInfo,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 
 T = TypeVar("T")
+
+#: The result of an ack on either queue: ``None``, a direct hand-over, or the ack's error.
+AckResult = OrchestrationAckResult | WorkItemAckResult
 
 #: Lease for every test that does not test expiry: it never lapses during a test.
 LEASE = 60.0
@@ -389,7 +394,7 @@ class QueueDriver(abc.ABC):
         """Fetch up to ``limit`` units."""
 
     @abc.abstractmethod
-    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[ProviderError | None]:
+    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[AckResult]:
         """Complete the units in one batch; return the per-ack results."""
 
     @abc.abstractmethod
@@ -408,7 +413,7 @@ class QueueDriver(abc.ABC):
         assert len(handles) == 1, f"expected one unit of {self.queue} work, the fetch returned {len(handles)}"
         return handles[0]
 
-    async def ack_one(self, provider: Provider, handle: Handle) -> ProviderError | None:
+    async def ack_one(self, provider: Provider, handle: Handle) -> AckResult:
         """Complete one unit; return its result."""
         [result] = await self.ack(provider, [handle])
         return result
@@ -433,13 +438,13 @@ class OrchestratorQueue(QueueDriver):
             Handle(item.instance_id, item.lock_token, item.attempt_count, item.messages) for item in items
         ]
 
-    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[ProviderError | None]:
+    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[AckResult]:
         """Commit an empty turn per item."""
         acks = [
             OrchestrationAck(lock_token=h.token, instance_id=h.key, execution_id=1, name=ORCH)
             for h in handles
         ]
-        return await provider.ack_orchestration_items(acks)
+        return list(await provider.ack_orchestration_items(acks))
 
     async def abandon(
         self, provider: Provider, handle: Handle, *, delay: float = 0.0, ignore_attempt: bool = False
@@ -474,9 +479,9 @@ class WorkerQueue(QueueDriver):
             for lease in leases
         ]
 
-    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[ProviderError | None]:
+    async def ack(self, provider: Provider, handles: Sequence[Handle]) -> list[AckResult]:
         """Complete each lease without a completion message."""
-        return await provider.ack_work_items([WorkItemAck(h.token, None) for h in handles])
+        return list(await provider.ack_work_items([WorkItemAck(h.token, None) for h in handles]))
 
     async def abandon(
         self, provider: Provider, handle: Handle, *, delay: float = 0.0, ignore_attempt: bool = False

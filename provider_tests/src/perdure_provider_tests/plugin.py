@@ -20,6 +20,7 @@ It provides:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -187,5 +188,6 @@ def _skip_reason(report: pytest.TestReport) -> str:
 
 
 def _describe(capabilities: Capabilities) -> str:
-    flags = [name for name in ("wakeups", "cross_process", "multi_process") if getattr(capabilities, name)]
+    """Name every capability flag the provider declares, in declaration order, then its payload limit."""
+    flags = [f.name for f in dataclasses.fields(capabilities) if getattr(capabilities, f.name) is True]
     return ", ".join([*flags, f"max_payload_bytes={capabilities.max_payload_bytes}"])

@@ -24,6 +24,7 @@ from perdure_provider_tests.suite import (
     test_cancellation,
     test_concurrency,
     test_custom_status,
+    test_direct_dispatch,
     test_errors,
     test_instance_creation,
     test_lock_expiry,
@@ -49,6 +50,7 @@ AREAS: tuple[ModuleType, ...] = (
     test_custom_status,
     test_payloads,
     test_batches,
+    test_direct_dispatch,
     test_concurrency,
     test_long_polling,
 )

@@ -10,6 +10,7 @@ from perdure_provider_tests.helpers import (
     activity,
     assert_no_orchestration_work,
     assert_no_work_items,
+    assert_permanent,
     enqueue,
     event_message,
     fetch_items,
@@ -143,8 +144,7 @@ async def test_second_work_ack_with_one_token_fails(provider: Provider) -> None:
     second = result_message("i", 2, result='"second"')
     assert await provider.ack_work_items([WorkItemAck(lease.lock_token, first)]) == [None]
     [error] = await provider.ack_work_items([WorkItemAck(lease.lock_token, second)])
-    assert error is not None
-    assert not error.retryable
+    assert_permanent(error)
     item = await fetch_one(provider, "i")
     assert item.messages == [first]
 

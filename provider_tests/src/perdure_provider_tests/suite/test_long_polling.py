@@ -9,6 +9,7 @@ holds the work: only a real wake-up (or busy polling) gets it within ``wakeup_la
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import pytest
 
@@ -18,9 +19,11 @@ from perdure_provider_tests.helpers import (
     Handle,
     OrchestratorQueue,
     QueueDriver,
+    WorkerQueue,
     ack_for,
     ack_ok,
     ack_work_ok,
+    activity,
     both_queues,
     enqueue,
     event_message,
@@ -30,6 +33,7 @@ from perdure_provider_tests.helpers import (
     requires_capability,
     result_message,
     schedule_activities,
+    scheduled,
     start_instance,
     take_turn,
     timed,
@@ -194,16 +198,59 @@ async def test_abandon_wakes_waiters(
     assert handle.key == "i"
 
 
+async def _woken_by(
+    provider: Provider, factory: ProviderFactory, instance_id: str, change: Awaitable[object], what: str
+) -> None:
+    """Fail unless a ``wait_for_instance_change`` started before ``change`` returns promptly after it."""
+    waiter = asyncio.ensure_future(provider.wait_for_instance_change(instance_id, LONG_WAIT))
+    await asyncio.sleep(0)  # let the waiter start; it may only return early, never miss the change
+    await change
+    try:
+        await asyncio.wait_for(waiter, factory.wakeup_latency)
+    except TimeoutError:
+        pytest.fail(f"wait_for_instance_change was not woken within {factory.wakeup_latency}s of {what}")
+
+
 @requires_capability("wakeups")
 async def test_instance_change_wakes_waiters(provider: Provider, provider_factory: ProviderFactory) -> None:
-    """With wake-ups, ``wait_for_instance_change`` returns promptly after an ack of the instance."""
+    """With wake-ups, an ack that changes the instance's status wakes ``wait_for_instance_change``."""
     await start_instance(provider, "i")
-    waiter = asyncio.ensure_future(provider.wait_for_instance_change("i", LONG_WAIT))
-    await asyncio.sleep(0)  # let the waiter start; it may only return early, never miss the ack below
-    await take_turn(provider, "i", status="completed", output='"done"')
-    try:
-        await asyncio.wait_for(waiter, provider_factory.wakeup_latency)
-    except TimeoutError:
-        pytest.fail(
-            f"wait_for_instance_change was not woken within {provider_factory.wakeup_latency}s of an ack"
-        )
+    turn = take_turn(provider, "i", status="completed", output='"done"')
+    await _woken_by(provider, provider_factory, "i", turn, "a status change")
+
+
+@requires_capability("wakeups")
+async def test_custom_status_change_wakes_waiters(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """With wake-ups, an ack that changes the instance's custom status wakes ``wait_for_instance_change``."""
+    await start_instance(provider, "i")
+    turn = take_turn(provider, "i", custom_status_changed=True, custom_status='"halfway"')
+    await _woken_by(provider, provider_factory, "i", turn, "a custom status change")
+
+
+@requires_capability("wakeups")
+async def test_instance_creation_wakes_waiters(provider: Provider, provider_factory: ProviderFactory) -> None:
+    """With wake-ups, the ack that creates an instance wakes ``wait_for_instance_change`` on it."""
+    await _woken_by(provider, provider_factory, "i", start_instance(provider, "i"), "its creation")
+
+
+@requires_capability("wakeups")
+@requires_capability("direct_dispatch")
+async def test_unleased_items_of_a_direct_ack_wake_the_worker_queue(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """With wake-ups, the worker items a direct-dispatch ack leaves unleased wake worker-queue waiters."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i")
+    leased, free = activity("i", 2), activity("i", 3)
+    dispatcher = _Dispatcher(provider, WorkerQueue())
+    await dispatcher.parked()
+    ack = ack_for(
+        item, history=[scheduled(2), scheduled(3)], worker_items=[leased, free], lease_worker_items=1
+    )
+    [leases] = await provider.ack_orchestration_items([ack])
+    assert isinstance(leases, list), f"the direct ack returned {leases!r}"
+    handle = await dispatcher.picks_up_within(provider_factory.wakeup_latency, "a direct ack left an item")
+    assert handle.content == free
