@@ -7,6 +7,8 @@ constants) that the provider applies after the commit.
 
 Lock tokens carry what is needed to find their row without an extra index: an instance lock
 token is ``"o<unique>:<instance_id>"`` and a work-item lease token is ``"w<unique>.<row id>"``.
+Direct dispatch takes the same locks and leases inside an ack, with the same tokens, so nothing
+downstream can tell them from fetched ones.
 """
 
 from __future__ import annotations
@@ -59,11 +61,21 @@ RETURNING id, payload, attempt_count
 """
 _SELECT_INSTANCE = f"SELECT {INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?"
 _NEXT_DUE = "SELECT min(visible_at_ms) FROM orchestrator_queue WHERE visible_at_ms > ?"
+#: Take the instance lock only if no one holds it (absent or lapsed); otherwise change nothing.
+_TRY_LOCK_INSTANCE = """
+INSERT INTO instance_locks (instance_id, lock_token, locked_until_ms) VALUES (?1, ?2, ?3)
+ON CONFLICT (instance_id) DO UPDATE
+SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
+WHERE instance_locks.locked_until_ms <= ?4
+"""
+
+#: What a lock yields: instance id, token, tagged ``(id, payload, attempt_count)`` rows, instance row.
+LockedItem = tuple[str, str, list[Row], Row | None]
 
 
 def fetch_orchestration(
     connection: sqlite3.Connection, effects: Effects, limit: int, lock_ms: int, token_prefix: str
-) -> list[tuple[str, str, list[Row], Row | None]]:
+) -> list[LockedItem]:
     """Lock up to ``limit`` ready instances; per instance its token, tagged messages and row."""
     now = now_ms()
     chosen: list[str] = []
@@ -80,16 +92,22 @@ def fetch_orchestration(
         cursor.close()
     execute = connection.execute
     until = now + lock_ms
-    items: list[tuple[str, str, list[Row], Row | None]] = []
+    items: list[LockedItem] = []
     for n, instance_id in enumerate(chosen):
         token = f"{token_prefix}{n}:{instance_id}"
         execute(_LOCK_INSTANCE, (instance_id, token, until))
-        messages = execute(_TAG_MESSAGES, (token, instance_id, now)).fetchall()
-        messages.sort()
-        items.append((instance_id, token, messages, execute(_SELECT_INSTANCE, (instance_id,)).fetchone()))
+        items.append(_tag(connection, instance_id, token, now))
     if effects is not None:
         effects.append((FX_ORCH_NEXT_DUE, execute(_NEXT_DUE, (now,)).fetchone()[0]))
     return items
+
+
+def _tag(connection: sqlite3.Connection, instance_id: str, token: str, now: int) -> LockedItem:
+    """Tag (and count) every visible message of an instance just locked with ``token``; read its row."""
+    execute = connection.execute
+    messages = execute(_TAG_MESSAGES, (token, instance_id, now)).fetchall()
+    messages.sort()
+    return instance_id, token, messages, execute(_SELECT_INSTANCE, (instance_id,)).fetchone()
 
 
 def instance_of_token(operation: str, lock_token: str) -> str:
@@ -144,6 +162,14 @@ _INSERT_WORKER = (
     " (instance_id, execution_id, activity_id, payload, visible_at_ms, enqueued_at_ms)"
     " VALUES (?, ?, ?, ?, ?, ?)"
 )
+#: A row leased at insertion, as a fetch would leave it (``visible_at_ms`` is the lease expiry).
+_INSERT_LEASED_WORKER = (
+    "INSERT INTO worker_queue"
+    " (id, lock_token, locked_until_ms, visible_at_ms, attempt_count,"
+    " instance_id, execution_id, activity_id, payload, enqueued_at_ms)"
+    " VALUES (?1, ?2, ?3, ?3, 1, ?4, ?5, ?6, ?7, ?8)"
+)
+_NEXT_WORKER_ID = "SELECT coalesce(max(id), 0) + 1 FROM worker_queue"
 _CANCEL_ACTIVITY = "DELETE FROM worker_queue WHERE instance_id = ? AND execution_id = ? AND activity_id = ?"
 
 
@@ -157,6 +183,9 @@ class AckArgs:
         "execution_id",
         "history",
         "instance_id",
+        "lease_ms",
+        "lease_prefix",
+        "leased_rows",
         "lock_token",
         "max_event_id",
         "name",
@@ -185,17 +214,23 @@ class AckArgs:
     custom_status: str | None
     max_event_id: int
     history: list[Row]
+    #: ``(instance_id, execution_id, activity_id, payload)`` of the items to lease at insertion,
+    #: with their token prefix and lease length; ``worker_rows`` are the others.
+    leased_rows: list[Row]
+    lease_prefix: str
+    lease_ms: int
     worker_rows: list[Row]
     orchestrator_rows: list[Row]
     orchestrator_wake: tuple[bool, int | None]
     cancelled: list[Row]
 
 
-def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: AckArgs) -> None:
+def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: AckArgs) -> list[str] | None:
     """Commit one turn (see ``Provider.ack_orchestration_items``); the lock is checked first.
 
     Inside the write transaction nothing can interleave, so validating and releasing the lock
-    up front is the same as doing it at commit time.
+    up front is the same as doing it at commit time. Returns the lease tokens of the items leased
+    at insertion (direct dispatch), or None when none were asked for.
     """
     execute = connection.execute
     now = now_ms()
@@ -205,7 +240,11 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
     execute(_DELETE_TAGGED, (instance_id, ack.lock_token))
     status = ack.status
     if ack.history or status is not None or ack.custom_status_changed:
-        execution_exists = _apply_instance(connection, ack, now)
+        execution_exists, visible_change = _apply_instance(connection, ack, now)
+        # Clients wait for a status or custom status; a history-only turn (one step of a long
+        # chain) must not wake them to re-read an instance that looks the same.
+        if visible_change and effects is not None:
+            effects.append((FX_INSTANCE, instance_id))
         execution_id = ack.execution_id
         if status is None:
             if not execution_exists:
@@ -215,6 +254,22 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
             execute(_UPSERT_EXECUTION, (instance_id, execution_id, status, ack.output, now, completed))
         if ack.history:
             connection.executemany(_INSERT_HISTORY, ack.history)
+    tokens: list[str] | None = None
+    if ack.leased_rows:
+        # Leased rows get explicit ids (the next ones SQLite would pick: nothing else writes inside
+        # this transaction) so that their tokens, which carry the id, go in with the row itself.
+        first: int = execute(_NEXT_WORKER_ID).fetchone()[0]
+        prefix = ack.lease_prefix
+        tokens = [f"{prefix}{first + n}" for n in range(len(ack.leased_rows))]
+        until = now + ack.lease_ms
+        connection.executemany(
+            _INSERT_LEASED_WORKER,
+            [
+                (first + n, token, until, *row, now)
+                for n, (token, row) in enumerate(zip(tokens, ack.leased_rows, strict=True))
+            ],
+        )
+        # No wake-up: nobody else may take them.
     if ack.worker_rows:
         connection.executemany(_INSERT_WORKER, ack.worker_rows)
         if effects is not None:
@@ -226,14 +281,15 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
     # After the inserts: scheduling and cancelling one activity in the same turn leaves nothing.
     if ack.cancelled:
         connection.executemany(_CANCEL_ACTIVITY, ack.cancelled)
-    if effects is not None:
-        effects.append((FX_INSTANCE, instance_id))
+    return tokens
 
 
-def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> bool:
+def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> tuple[bool, bool]:
     """Create the instance, or move it to the ack's execution, status and custom status.
 
-    Returns True if the ack's execution is the instance's current one (so its row exists).
+    Returns whether the ack's execution is the instance's current one (so its row exists), and
+    whether a client could see a change: the instance was created, or its status (execution
+    included) or custom status was set.
     """
     instance_id = ack.instance_id
     status = ack.status
@@ -257,7 +313,7 @@ def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> b
                 now,
             ),
         )
-        return False
+        return False, True
     name, version, current, last_event_id = row
     stored_execution: int = current
     set_output = status is not None
@@ -287,7 +343,7 @@ def _apply_instance(connection: sqlite3.Connection, ack: AckArgs, now: int) -> b
             instance_id,
         ),
     )
-    return ack.execution_id == stored_execution
+    return ack.execution_id == stored_execution, status is not None or changed
 
 
 def enqueue_orchestrator(
@@ -371,14 +427,29 @@ def ack_work(
     lock_token: str,
     completion: Row | None,
     wake: tuple[bool, int | None],
-) -> None:
-    """Delete a leased item and enqueue its completion, only while the lease is held."""
-    if connection.execute(_COMPLETE_WORK, (row_id, lock_token, now_ms())).rowcount != 1:
+    instance_lock: tuple[str, int] | None = None,
+) -> LockedItem | None:
+    """Delete a leased item and enqueue its completion, only while the lease is held.
+
+    With ``instance_lock = (token, lock_ms)`` (direct dispatch) the completion's instance is then
+    locked and tagged exactly as a fetch would, if no one holds it; that locked item is returned.
+    """
+    execute = connection.execute
+    now = now_ms()
+    if execute(_COMPLETE_WORK, (row_id, lock_token, now)).rowcount != 1:
         raise ProviderError.lock_lost("ack_work_items", lock_token)
-    if completion is not None:
-        connection.execute(INSERT_ORCHESTRATOR, completion)
-        if effects is not None:
-            effects.append((FX_ORCH, *wake))
+    if completion is None:
+        return None
+    execute(INSERT_ORCHESTRATOR, completion)
+    # Only a completion visible now: a fetch would not have tagged it, so the turn could not use it.
+    if instance_lock is not None and completion[2] <= now:
+        instance_id: str = completion[0]
+        token, lock_ms = instance_lock
+        if execute(_TRY_LOCK_INSTANCE, (instance_id, token, now + lock_ms, now)).rowcount == 1:
+            return _tag(connection, instance_id, token, now)  # the caller runs it: no wake-up
+    if effects is not None:
+        effects.append((FX_ORCH, *wake))
+    return None
 
 
 _ABANDON_WORK = """

@@ -38,11 +38,13 @@ Unit = tuple[Callable[..., Any], tuple[Any, ...]]
 Effects = list[tuple[Any, ...]]
 
 #: Job kinds. READ runs outside any transaction. DURABLE writes must survive power loss once
-#: answered (enqueues, acks): their commit fsyncs the WAL (with durability "full"). LIGHT writes
-#: only move leases and visibility (fetch, renew, abandon): losing the last of them to a power
-#: cut is harmless (a lease is simply taken again), so a batch of only LIGHT jobs commits
-#: without an fsync. The next durable commit's fsync covers their frames too: the WAL is
-#: appended in order, so nothing after an fsync can survive while something before it is lost.
+#: answered (enqueues, turn acks, with the leases they take): their commit fsyncs the WAL (with
+#: durability "full"). LIGHT writes only move leases, locks and visibility (fetch, renew,
+#: abandon) or complete an activity (its ack, with the instance lock it may take): losing the
+#: last of them to a power cut is harmless (a lease or lock is simply taken again, an activity
+#: runs again), so a batch of only LIGHT jobs commits without an fsync. The next durable
+#: commit's fsync covers their frames too: the WAL is appended in order, so nothing after an
+#: fsync can survive while something before it is lost.
 READ = 0
 LIGHT = 1
 DURABLE = 2

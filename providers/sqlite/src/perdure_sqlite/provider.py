@@ -5,6 +5,10 @@ JSON, submit units of SQL to it and decode what comes back, so the event loop ne
 SQLite and the thread's write transactions stay short. Every write queued at the same moment
 commits in one transaction with one fsync (group commit); each runs in its own savepoint, so one
 failing ack never affects the others.
+
+Direct dispatch is supported: a turn's ack can insert the activities it schedules already leased
+to its caller, and an activity's ack can lock the instance its result is for. Both take the very
+locks and leases a fetch takes (same SQL, same tokens), inside the ack's own savepoint.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from perdure.provider import (
     Capabilities,
     InstanceInfo,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 from perdure_sqlite import _store
@@ -61,17 +67,38 @@ def _instance(row: tuple[Any, ...] | None) -> InstanceInfo | None:
     return None if row is None else InstanceInfo(*row)
 
 
+def _orchestration_item(locked: _store.LockedItem) -> OrchestrationItem:
+    """Decode what a lock tagged (by a fetch or a direct lock); bad messages are reported, not raised."""
+    instance_id, token, rows, instance_row = locked
+    messages: list[Message] = []
+    bad: list[str] = []
+    attempts = 0
+    for row_id, payload, attempt_count in rows:
+        attempts = max(attempts, attempt_count)
+        try:
+            message = decode_message(payload)
+        except Exception as exc:  # any undecodable message is reported, never raised
+            bad.append(f"message {row_id}: {exc}")
+            continue
+        if isinstance(message, ActivityExecute):
+            bad.append(f"message {row_id}: an ActivityExecute does not belong on the orchestrator queue")
+            continue
+        messages.append(message)
+    return OrchestrationItem(instance_id, token, attempts, messages, _instance(instance_row), bad)
+
+
 class SqliteProvider(Provider):
     """A perdure provider storing everything in one SQLite database.
 
     :param path: the database file (created if missing), or ``":memory:"`` for a private
         in-memory database that lives as long as the provider (nothing is durable).
     :param durability: ``"full"`` (default) sets ``synchronous=FULL``: the WAL is fsynced at
-        every commit that carries an enqueue or a turn's ack, so an acknowledged enqueue or turn
-        survives power loss. Commits of only fetches, renewals, abandons and activity acks skip
-        the fsync: losing them to a power cut only means a lease is taken again or an activity
-        runs again (activities are at-least-once), and the next durable commit's fsync covers
-        them, so no turn survives while a result it consumed is lost.
+        every commit that carries an enqueue or a turn's ack (leases it takes included), so an
+        acknowledged enqueue or turn survives power loss. Commits of only fetches, renewals,
+        abandons and activity acks (with the instance lock one may take) skip the fsync: losing
+        them to a power cut only means a lease or lock is taken again or an activity runs again
+        (activities are at-least-once), and the next durable commit's fsync covers them, so no
+        turn survives while a result it consumed is lost.
         ``"fast"`` sets ``synchronous=NORMAL``: commits survive a crash of the process, but the
         last transactions may be lost on power loss or an OS crash (the database stays
         consistent); commits are several times cheaper.
@@ -133,12 +160,13 @@ class SqliteProvider(Provider):
 
     @property
     def capabilities(self) -> Capabilities:
-        """In-process wake-ups; a file may be shared by several processes (polling between them)."""
+        """In-process wake-ups and direct dispatch; a file may be shared by several processes."""
         return Capabilities(
             wakeups=True,
             cross_process=False,
             multi_process=self._path != MEMORY,
             ordered_calls=True,
+            direct_dispatch=True,
             max_payload_bytes=MAX_PAYLOAD_BYTES,
         )
 
@@ -284,6 +312,16 @@ class SqliteProvider(Provider):
         execution_id = ack.execution_id
         history: Sequence[Event] = ack.history
         orchestrator_rows, orchestrator_wake = self._orchestrator_rows(ack.orchestrator_items, now)
+        work: Sequence[ActivityExecute] = ack.worker_items
+        leased: Sequence[ActivityExecute] = ()
+        if ack.lease_worker_items > 0 and work:
+            leased, work = work[: ack.lease_worker_items], work[ack.lease_worker_items :]
+            if ack.cancelled_activities:
+                cancelled = set(ack.cancelled_activities)
+                if any(
+                    ActivityRef(i.instance_id, i.execution_id, i.activity_id) in cancelled for i in leased
+                ):
+                    raise ValueError("an activity leased by the ack is also cancelled by it")
         return _store.AckArgs(
             instance_id=instance_id,
             lock_token=ack.lock_token,
@@ -300,9 +338,15 @@ class SqliteProvider(Provider):
                 (instance_id, execution_id, event.event_id, event.TYPE, _encode_event(event))
                 for event in history
             ],
+            leased_rows=[
+                (item.instance_id, item.execution_id, item.activity_id, _encode_message(item))
+                for item in leased
+            ],
+            lease_prefix=self._next_prefix("w") if leased else "",
+            lease_ms=_ms(ack.worker_lease_timeout),
             worker_rows=[
                 (item.instance_id, item.execution_id, item.activity_id, _encode_message(item), now, now)
-                for item in ack.worker_items
+                for item in work
             ],
             orchestrator_rows=orchestrator_rows,
             orchestrator_wake=orchestrator_wake,
@@ -313,18 +357,18 @@ class SqliteProvider(Provider):
 
     async def _call_each(
         self, operation: str, prepared: list[Unit | ProviderError], kind: int = DURABLE
-    ) -> list[ProviderError | None]:
-        """Run independent units in one job; per unit ``None`` or its error, in order."""
+    ) -> list[Any]:
+        """Run independent units in one job; per unit its return value or its error, in order."""
         units = [unit for unit in prepared if not isinstance(unit, ProviderError)]
         outcomes = iter(await self._submit(operation, kind, units) if units else [])
-        results: list[ProviderError | None] = []
+        results: list[Any] = []
         for unit in prepared:
             if isinstance(unit, ProviderError):
                 results.append(unit)
                 continue
             outcome = next(outcomes)
             results.append(
-                as_provider_error(operation, outcome) if isinstance(outcome, BaseException) else None
+                as_provider_error(operation, outcome) if isinstance(outcome, BaseException) else outcome
             )
         return results
 
@@ -342,39 +386,31 @@ class SqliteProvider(Provider):
             _ms(lock_timeout),
             self._next_prefix("o"),
         )
-        items: list[OrchestrationItem] = []
-        for instance_id, token, rows, instance_row in raw:
-            messages: list[Message] = []
-            bad: list[str] = []
-            attempts = 0
-            for row_id, payload, attempt_count in rows:
-                attempts = max(attempts, attempt_count)
-                try:
-                    message = decode_message(payload)
-                except Exception as exc:  # any undecodable message is reported, never raised
-                    bad.append(f"message {row_id}: {exc}")
-                    continue
-                if isinstance(message, ActivityExecute):
-                    bad.append(
-                        f"message {row_id}: an ActivityExecute does not belong on the orchestrator queue"
-                    )
-                    continue
-                messages.append(message)
-            items.append(
-                OrchestrationItem(instance_id, token, attempts, messages, _instance(instance_row), bad)
-            )
-        return items
+        return [_orchestration_item(locked) for locked in raw]
 
-    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
-        """Commit each turn atomically, all in one transaction; one failing ack never affects another."""
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
+        """Commit each turn atomically, all in one transaction; one failing ack never affects another.
+
+        An ack with ``lease_worker_items`` gets the leases of the items inserted already leased.
+        """
         now = _store.now_ms()
         prepared: list[Unit | ProviderError] = []
+        leasing = False
         for ack in acks:
             try:
                 prepared.append((_store.ack_orchestration, (self._prepare_ack(ack, now),)))
+                leasing = leasing or ack.lease_worker_items > 0
             except Exception as exc:
                 prepared.append(as_provider_error("ack_orchestration_items", exc))
-        return await self._call_each("ack_orchestration_items", prepared)
+        results = await self._call_each("ack_orchestration_items", prepared)
+        if leasing:
+            for n, (ack, tokens) in enumerate(zip(acks, results, strict=True)):
+                if ack.lease_worker_items > 0 and not isinstance(tokens, ProviderError):
+                    results[n] = [
+                        WorkItemLease(token, 1, ActivityRef(i.instance_id, i.execution_id, i.activity_id), i)
+                        for token, i in zip(tokens or (), ack.worker_items, strict=False)
+                    ]
+        return results
 
     async def abandon_orchestration_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
@@ -419,25 +455,42 @@ class SqliteProvider(Provider):
             leases.append(WorkItemLease(token, attempt_count, ref, item))
         return leases
 
-    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
-        """Delete each leased item and enqueue its completion, atomically per ack."""
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[WorkItemAckResult]:
+        """Delete each leased item and enqueue its completion, atomically per ack.
+
+        An ack with ``lock_instance`` also locks the completion's instance if no one holds it, and
+        gets that item as its result.
+        """
         now = _store.now_ms()
         prepared: list[Unit | ProviderError] = []
-        for ack in acks:
+        locking: str | None = None  # one token prefix for the direct locks of this call
+        for n, ack in enumerate(acks):
             try:
                 row_id = _store.row_of_token("ack_work_items", ack.lock_token)
                 completion: tuple[Any, ...] | None = None
                 wake: tuple[bool, int | None] = (False, None)
+                instance_lock: tuple[str, int] | None = None
                 if ack.completion is not None:
                     rows, wake = self._orchestrator_rows([ack.completion], now)
                     completion = rows[0]
-                prepared.append((_store.ack_work, (row_id, ack.lock_token, completion, wake)))
+                    if ack.lock_instance is not None:
+                        if locking is None:
+                            locking = self._next_prefix("o")
+                        token = f"{locking}{n}:{ack.completion.instance_id}"
+                        instance_lock = (token, _ms(ack.lock_instance))
+                prepared.append((_store.ack_work, (row_id, ack.lock_token, completion, wake, instance_lock)))
             except Exception as exc:
                 prepared.append(as_provider_error("ack_work_items", exc))
         # Light: an activity result lost to a power cut only means the activity runs again (they
-        # are at-least-once); the turn that consumes the result commits durably, and its fsync
-        # covers this commit too, so no turn can survive while the result it used is lost.
-        return await self._call_each("ack_work_items", prepared, LIGHT)
+        # are at-least-once), and a lost instance lock is simply taken again; the turn that
+        # consumes the result commits durably, and its fsync covers this commit too, so no turn
+        # can survive while the result it used is lost.
+        results = await self._call_each("ack_work_items", prepared, LIGHT)
+        if locking is not None:
+            for n, locked in enumerate(results):
+                if isinstance(locked, tuple):
+                    results[n] = _orchestration_item(locked)
+        return results
 
     async def abandon_work_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
@@ -539,7 +592,11 @@ class SqliteProvider(Provider):
             raise ProviderError("wait_for_work", f"unknown queue {queue!r}", retryable=False)
 
     async def wait_for_instance_change(self, instance_id: str, timeout: float) -> None:
-        """Return when an ack through this provider object touched the instance, or after ``timeout``."""
+        """Return when an ack through this provider object changed the instance, or after ``timeout``.
+
+        A change is its creation, or a new status or custom status: an ack that only appends
+        history wakes no one.
+        """
         if self._closed:
             raise closed_error("wait_for_instance_change")
         await self._watch.wait(instance_id, timeout)
