@@ -11,6 +11,7 @@ statement, so a predicate using it can use an index and every row of a statement
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -25,6 +26,16 @@ TERMINAL = "('completed', 'failed', 'cancelled', 'continued_as_new')"
 # same as the fetch never having happened (its holder's ack then fails as "lock lost"). Acks and
 # enqueues stay fully durable. This takes one WAL flush off every fetch.
 NOSYNC = "set_config('synchronous_commit', 'off', true)"
+
+# A locked instance as returned by a fetch and by a work ack that locks its completion's instance
+# directly: the ``items`` CTE's columns, then the instance row. Decoded by one function in provider.py
+# (``_item_from_row``), whatever statement produced the row.
+_ITEM_COLUMNS = """it.instance_id, it.lock_token, it.attempt_count, it.ids, it.datas,
+       e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
+       i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms"""
+
+_ITEM_JOINS = """LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
+LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id"""
 
 _FETCH_ORCHESTRATION = """
 WITH scan AS MATERIALIZED (
@@ -77,17 +88,13 @@ items AS (
     LEFT JOIN tagged t ON t.instance_id = k.instance_id
     GROUP BY k.instance_id, k.lock_token, w.rn
 )
-SELECT c.scanned, c.tried, c.candidates, c.nosync,
-       it.instance_id, it.lock_token, it.attempt_count, it.ids, it.datas,
-       e.name, e.version, i.current_execution_id, e.status, e.output, i.parent_instance_id,
-       i.custom_status, i.custom_status_version, e.last_event_id, i.created_at_ms, i.updated_at_ms
+SELECT c.scanned, c.tried, c.candidates, c.nosync, {item_columns}
 FROM (SELECT (SELECT count(*) FROM scan) AS scanned,
              (SELECT array_agg(instance_id) FROM won) AS tried,
              (SELECT array_agg(instance_id) FROM cand) AS candidates,
              {nosync} AS nosync) c
 LEFT JOIN items it ON true
-LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
-LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id
+{item_joins}
 ORDER BY it.rn
 """
 
@@ -167,18 +174,24 @@ cancel AS MATERIALIZED (
         AS c(idx, instance_id, execution_id, activity_id)
     JOIN lk ON lk.idx = c.idx
 ),
+-- Items leased directly (w_lease_ms not null) are inserted leased, with the caller's fresh uuid as
+-- their stored token (see _FETCH_WORK), inserted in worker_items order.
 wq AS (
-    INSERT INTO {s}.worker_queue (instance_id, execution_id, activity_id, data, visible_at_ms, enqueued_at_ms)
-    SELECT w.instance_id, w.execution_id, w.activity_id, w.data, {now}, {now}
+    INSERT INTO {s}.worker_queue (instance_id, execution_id, activity_id, data, visible_at_ms,
+                                  enqueued_at_ms, lock_token, locked_until_ms, attempt_count)
+    SELECT w.instance_id, w.execution_id, w.activity_id, w.data, {now}, {now},
+           w.lease_token, {now} + w.lease_ms, CASE WHEN w.lease_token IS NOT NULL THEN 1 ELSE 0 END
     FROM unnest(%(w_idx)b::int[], %(w_inst)b::text[], %(w_exec)b::bigint[], %(w_act)b::bigint[],
-                %(w_data)b::text[]) AS w(idx, instance_id, execution_id, activity_id, data)
+                %(w_data)b::text[], %(w_lease_token)b::text[], %(w_lease_ms)b::bigint[])
+        WITH ORDINALITY AS w(idx, instance_id, execution_id, activity_id, data, lease_token, lease_ms, ord)
     JOIN lk ON lk.idx = w.idx
     -- Scheduled and cancelled in the same ack: the net effect of insert-then-delete is nothing.
     WHERE NOT EXISTS (
         SELECT 1 FROM cancel c
         WHERE c.instance_id = w.instance_id AND c.execution_id = w.execution_id
           AND c.activity_id = w.activity_id)
-    RETURNING 1
+    ORDER BY w.ord
+    RETURNING id, lock_token
 ),
 oq AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms)
@@ -198,7 +211,15 @@ dq AS (
     WHERE q.instance_id = lk.instance_id AND q.lock_token = lk.token
     RETURNING 1
 )
-SELECT array_agg(idx) FROM lk
+-- Acked positions; positions whose ack created the instance (the statement's snapshot does not see
+-- inst's insert, and holding the lock nobody else can create it meanwhile); the ids and stored
+-- tokens of the worker items leased directly.
+SELECT (SELECT array_agg(idx) FROM lk),
+       (SELECT array_agg(lk.idx) FROM lk
+        WHERE lk.last_event_id > 0
+          AND NOT EXISTS (SELECT 1 FROM {s}.instances x WHERE x.instance_id = lk.instance_id)),
+       lw.ids, lw.tokens
+FROM (SELECT array_agg(id) AS ids, array_agg(lock_token) AS tokens FROM wq WHERE lock_token IS NOT NULL) lw
 """
 
 _ABANDON_ORCHESTRATION = """
@@ -228,6 +249,9 @@ WHERE lock_token = %(token)b::text AND locked_until_ms > {now}
 RETURNING 1
 """
 
+# A worker lease's token is "<id>:<uuid>": the row stores the uuid (so an item can be inserted
+# already leased without knowing its id: an explicit nextval() would need a grant on the identity
+# sequence), and acks, renewals and abandons go to the row by its id and compare the uuid.
 _FETCH_WORK = """
 WITH picked AS (
     SELECT id FROM {s}.worker_queue
@@ -237,7 +261,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE {s}.worker_queue w
-SET lock_token = w.id::text || ':' || gen_random_uuid()::text,
+SET lock_token = gen_random_uuid()::text,
     locked_until_ms = {now} + %(lease_ms)b::bigint,
     attempt_count = w.attempt_count + 1
 FROM picked, (SELECT {nosync}) AS nosync
@@ -265,6 +289,89 @@ ins AS (
 SELECT (SELECT array_agg(id) FROM d), {nosync}
 """
 
+# The work ack of _ACK_WORK that also locks the instance of a completion (acks with lock_ms set)
+# when nobody holds it, exactly as a fetch locks: no live lock in the snapshot, the advisory
+# try-lock, the lock row's upsert as the arbiter (same expiry rule), every visible message tagged
+# and counted. A statement's CTEs do not see rows inserted by sibling CTEs, so the completions of a
+# won instance are inserted already tagged (attempt count 1) rather than tagged afterwards. The acks
+# of a batch act in order: the first direct ack for an instance gets the item (``ack_id`` names its
+# worker row), with the completions of that ack and of those before it; later ones arrive after the
+# lock and wait for a fetch.
+_ACK_WORK_LOCK = """
+WITH a AS MATERIALIZED (
+    SELECT * FROM unnest(%(ids)b::bigint[], %(tokens)b::text[], %(insts)b::text[], %(datas)b::text[],
+                         %(vis)b::bigint[], %(lock_ms)b::bigint[])
+        WITH ORDINALITY AS a(id, token, instance_id, data, visible_at_ms, lock_ms, ord)
+),
+d AS (
+    DELETE FROM {s}.worker_queue w USING a
+    WHERE w.id = a.id AND w.lock_token = a.token AND w.locked_until_ms > {now}
+    RETURNING w.id
+),
+want AS MATERIALIZED (
+    SELECT DISTINCT ON (a.instance_id) a.instance_id, a.id, a.lock_ms, a.ord
+    FROM a JOIN d ON d.id = a.id
+    WHERE a.lock_ms IS NOT NULL AND a.data IS NOT NULL AND coalesce(a.visible_at_ms, {now}) <= {now}
+      AND NOT EXISTS (
+          SELECT 1 FROM {s}.instance_locks l
+          WHERE l.instance_id = a.instance_id AND l.locked_until_ms > {now})
+    ORDER BY a.instance_id, a.ord
+),
+won AS MATERIALIZED (
+    SELECT w.instance_id, w.id, w.lock_ms, w.ord FROM want w
+    WHERE pg_try_advisory_xact_lock(%(ns)b::int4, hashtext(w.instance_id))
+),
+locks AS (
+    INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
+    SELECT w.instance_id, gen_random_uuid()::text, {now} + w.lock_ms
+    FROM won w ORDER BY w.instance_id
+    ON CONFLICT (instance_id) DO UPDATE
+        SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
+        WHERE l.locked_until_ms <= {now}
+    RETURNING l.instance_id, l.lock_token
+),
+tagged AS (
+    UPDATE {s}.orchestrator_queue q
+    SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
+    FROM locks k
+    WHERE q.instance_id = ANY ((SELECT array_agg(k2.instance_id) FROM locks k2)::text[])
+      AND q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
+    RETURNING q.instance_id, q.id, q.attempt_count, q.data
+),
+ins AS (
+    INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms, lock_token,
+                                        attempt_count)
+    SELECT a.instance_id, a.data, coalesce(a.visible_at_ms, {now}), {now}, k.lock_token,
+           CASE WHEN k.lock_token IS NULL THEN 0 ELSE 1 END
+    FROM a
+    JOIN d ON d.id = a.id
+    LEFT JOIN (SELECT k.instance_id, k.lock_token, w.ord FROM locks k JOIN won w USING (instance_id)) k
+        ON k.instance_id = a.instance_id AND a.ord <= k.ord AND coalesce(a.visible_at_ms, {now}) <= {now}
+    WHERE a.data IS NOT NULL
+    ORDER BY a.ord
+    RETURNING instance_id, id, attempt_count, data, lock_token
+),
+msgs AS (
+    SELECT t.instance_id, t.id, t.attempt_count, t.data FROM tagged t
+    UNION ALL
+    SELECT n.instance_id, n.id, n.attempt_count, n.data FROM ins n WHERE n.lock_token IS NOT NULL
+),
+items AS (
+    SELECT k.instance_id, k.lock_token, w.id AS ack_id,
+           max(m.attempt_count) AS attempt_count,
+           array_agg(m.id ORDER BY m.id) AS ids,
+           array_agg(m.data ORDER BY m.id) AS datas
+    FROM locks k
+    JOIN won w ON w.instance_id = k.instance_id
+    JOIN msgs m ON m.instance_id = k.instance_id
+    GROUP BY k.instance_id, k.lock_token, w.id
+)
+SELECT c.done, c.nosync, it.ack_id, {item_columns}
+FROM (SELECT (SELECT array_agg(id) FROM d) AS done, {nosync} AS nosync) c
+LEFT JOIN items it ON true
+{item_joins}
+"""
+
 _ABANDON_WORK = """
 WITH u AS (
     UPDATE {s}.worker_queue
@@ -284,7 +391,7 @@ _RENEW_WORK = """
 UPDATE {s}.worker_queue w SET locked_until_ms = {now} + %(lease_ms)b::bigint
 FROM unnest(%(ids)b::bigint[], %(tokens)b::text[]) AS a(id, token), (SELECT {nosync}) AS nosync
 WHERE w.id = a.id AND w.lock_token = a.token AND w.locked_until_ms > {now}
-RETURNING w.lock_token
+RETURNING w.id, w.lock_token
 """
 
 _ENQUEUE_ORCHESTRATOR = """
@@ -325,6 +432,10 @@ WHERE instance_id = %(instance_id)b::text AND custom_status_version > %(version)
 """
 
 
+_COMMENT = re.compile(r"--[^\n]*")
+_SPACES = re.compile(r"\s+")
+
+
 @dataclass(frozen=True, slots=True)
 class Statements:
     """The provider's statements for one schema, rendered to bytes once."""
@@ -336,6 +447,7 @@ class Statements:
     renew_orchestration: bytes
     fetch_work: bytes
     ack_work: bytes
+    ack_work_lock: bytes
     abandon_work: bytes
     renew_work: bytes
     enqueue_orchestrator: bytes
@@ -350,8 +462,14 @@ class Statements:
         ident = sql.Identifier(schema)
 
         def render(template: str) -> bytes:
-            # Only {s}, {now}, {terminal} and {nosync} are substituted; the rest is literal SQL.
-            text = template.replace("{now}", NOW).replace("{terminal}", TERMINAL).replace("{nosync}", NOSYNC)
+            # Only {item_columns}, {item_joins}, {s}, {now}, {terminal} and {nosync} are
+            # substituted; the rest is literal SQL.
+            text = template.replace("{item_columns}", _ITEM_COLUMNS).replace("{item_joins}", _ITEM_JOINS)
+            text = text.replace("{now}", NOW).replace("{terminal}", TERMINAL).replace("{nosync}", NOSYNC)
+            # Comments and indentation out: psycopg caches the parsing of a query only up to 4 KiB,
+            # and the acks are longer than that as written. (No literal here holds "--" or runs of
+            # spaces.)
+            text = _SPACES.sub(" ", _COMMENT.sub("", text)).strip()
             composed = sql.SQL(text).format(s=ident)
             return composed.as_string(None).encode()
 
@@ -363,6 +481,7 @@ class Statements:
             renew_orchestration=render(_RENEW_ORCHESTRATION),
             fetch_work=render(_FETCH_WORK),
             ack_work=render(_ACK_WORK),
+            ack_work_lock=render(_ACK_WORK_LOCK),
             abandon_work=render(_ABANDON_WORK),
             renew_work=render(_RENEW_WORK),
             enqueue_orchestrator=render(_ENQUEUE_ORCHESTRATOR),

@@ -68,7 +68,18 @@ Durability
 Worker queue
     ``SELECT ... ORDER BY id FOR UPDATE SKIP LOCKED`` then an update in the same statement; the
     lease token embeds the row id (``"<id>:<uuid>"``) so acks and renewals go straight to the row by
-    primary key, and the lock columns carry no index (their updates can be HOT).
+    primary key, and the lock columns carry no index (their updates can be HOT). The row stores the
+    uuid part only, so an item can be inserted already leased without knowing its id in advance.
+
+Direct dispatch
+    A turn's ack inserts its first ``lease_worker_items`` worker items already leased (a uuid
+    chosen by the provider, the lease from the database clock, attempt count 1) and returns the
+    leases, in the same statement. An activity's ack with ``lock_instance`` locks the completion's
+    instance in the same statement exactly as a fetch would (no live lock in the snapshot, the
+    advisory try-lock, the lock row's upsert as the arbiter), inserting the completion already
+    tagged since a statement's CTEs cannot see rows inserted by sibling CTEs; the acks of a batch
+    act in order. A chain of turns and activities then costs two round trips per step, and no
+    notification: nothing it produces is left for another fetcher to hear about.
 
 Wake-ups
     After a commit the provider wakes its own waiters at once and posts a notification; a
@@ -78,7 +89,9 @@ Wake-ups
     the write transaction: PostgreSQL holds a database-wide lock from a NOTIFY until the end of
     its transaction's commit, including the WAL flush, which serialised every committing writer
     (measured: ~70% of the client's backends waiting on it). A dedicated LISTEN connection that
-    reconnects by itself feeds ``wait_for_work``; see :mod:`perdure_postgres._wakeups`.
+    reconnects by itself feeds ``wait_for_work``; see :mod:`perdure_postgres._wakeups`. Instance
+    notifications go out only for acks that create the instance or change its status or custom
+    status: a turn that only appends history has nobody to wake.
 
 Connections, errors, poolers
     psycopg 3 async with ``psycopg_pool.AsyncConnectionPool``; each pooled connection gets
@@ -129,11 +142,13 @@ from perdure.provider import (
     Capabilities,
     InstanceInfo,
     OrchestrationAck,
+    OrchestrationAckResult,
     OrchestrationItem,
     Provider,
     ProviderError,
     Queue,
     WorkItemAck,
+    WorkItemAckResult,
     WorkItemLease,
 )
 from perdure_postgres import _errors
@@ -261,8 +276,8 @@ class PostgresProvider(Provider):
 
     @property
     def capabilities(self) -> Capabilities:
-        """Wake-ups (LISTEN/NOTIFY, cross-process) and a store shared by many processes."""
-        return Capabilities(wakeups=True, cross_process=self.listen, multi_process=True)
+        """Wake-ups (LISTEN/NOTIFY, cross-process), a store shared by many processes, direct dispatch."""
+        return Capabilities(wakeups=True, cross_process=self.listen, multi_process=True, direct_dispatch=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -544,7 +559,7 @@ class PostgresProvider(Provider):
                     "lease_ms": lease_ms,
                 }
                 rows = await (await _execute(conn, self._sql.fetch_orchestration, params)).fetchall()
-                items, empty_tokens = self._build_items(rows)
+                items, empty_tokens = self._build_items([row[4:] for row in rows])
                 if empty_tokens:
                     await _execute(conn, self._sql.release_empty_locks, {"tokens": empty_tokens})
                 scanned, tried, candidates = rows[0][0], rows[0][1] or [], rows[0][2] or []
@@ -567,32 +582,15 @@ class PostgresProvider(Provider):
         return await self._run("fetch_orchestration_items", body)
 
     @staticmethod
-    def _build_items(rows: Sequence[tuple[Any, ...]]) -> tuple[list[OrchestrationItem], list[str]]:
+    def _build_items(rows: Sequence[Sequence[Any]]) -> tuple[list[OrchestrationItem], list[str]]:
+        """Decode locked-instance rows (``_sql``'s item columns): the items, and empty locks' tokens.
+
+        A lock whose messages all vanished before the tagging is returned as a token to release.
+        """
         items: list[OrchestrationItem] = []
         empty: list[str] = []
         for row in rows:
-            (
-                _scanned,
-                _tried,
-                _candidates,
-                _nosync,
-                instance_id,
-                token,
-                attempt_count,
-                ids,
-                datas,
-                name,
-                version,
-                execution_id,
-                status,
-                output,
-                parent,
-                custom_status,
-                custom_status_version,
-                last_event_id,
-                created_at_ms,
-                updated_at_ms,
-            ) = row
+            instance_id, token, ids = row[0], row[1], row[3]
             if instance_id is None:
                 continue
             if not ids:
@@ -600,59 +598,24 @@ class PostgresProvider(Provider):
                 # meanwhile): give the lock back rather than return an empty item.
                 empty.append(token)
                 continue
-            messages: list[Message] = []
-            bad: list[str] = []
-            for message_id, data in zip(ids, datas, strict=True):
-                try:
-                    decoded = decode_message(data)
-                except DecodeError as exc:
-                    bad.append(f"orchestrator_queue id {message_id}: {exc}")
-                    continue
-                if isinstance(decoded, ActivityExecute):
-                    bad.append(
-                        f"orchestrator_queue id {message_id}: an ActivityExecute is not an orchestrator"
-                        " message"
-                    )
-                    continue
-                messages.append(decoded)
-            info = None
-            if execution_id is not None:
-                info = _instance_info(
-                    instance_id,
-                    name,
-                    version,
-                    execution_id,
-                    status,
-                    output,
-                    parent,
-                    custom_status,
-                    custom_status_version,
-                    last_event_id,
-                    created_at_ms,
-                    updated_at_ms,
-                )
-            items.append(
-                OrchestrationItem(
-                    instance_id=instance_id,
-                    lock_token=token,
-                    attempt_count=attempt_count or 0,
-                    messages=messages,
-                    instance=info,
-                    bad_messages=bad,
-                )
-            )
+            items.append(_item_from_row(row))
         return items, empty
 
-    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[ProviderError | None]:
-        """Commit each turn atomically: one statement for the whole batch, per-ack fallback on error."""
+    async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
+        """Commit each turn atomically: one statement for the whole batch, per-ack fallback on error.
+
+        With ``lease_worker_items`` the ack's result is the leases of the items it inserted leased.
+        """
         if not acks:
             return []
         self._require_pool("ack_orchestration_items")
-        results: list[ProviderError | None] = [None] * len(acks)
+        results: list[OrchestrationAckResult] = [None] * len(acks)
         batch: list[_EncodedAck] = []
         for index, ack in enumerate(acks):
             try:
                 batch.append(_EncodedAck.build(index, ack))
+            except ProviderError as exc:
+                results[index] = exc
             except Exception as exc:  # unencodable input: that ack alone fails
                 results[index] = ProviderError(
                     "ack_orchestration_items", f"cannot encode ack: {exc}", retryable=False
@@ -673,12 +636,12 @@ class PostgresProvider(Provider):
             for entry in batch:
                 results[entry.index] = await self._ack_alone(entry)
             return results
-        for entry, error in zip(batch, outcome, strict=True):
-            results[entry.index] = error
+        for entry, result in zip(batch, outcome, strict=True):
+            results[entry.index] = result
         return results
 
-    async def _ack_alone(self, entry: _EncodedAck) -> ProviderError | None:
-        async def body(conn: Conn) -> list[ProviderError | None]:
+    async def _ack_alone(self, entry: _EncodedAck) -> OrchestrationAckResult:
+        async def body(conn: Conn) -> list[OrchestrationAckResult]:
             return await self._ack_batch(conn, [entry])
 
         try:
@@ -686,32 +649,40 @@ class PostgresProvider(Provider):
         except ProviderError as exc:
             return exc
 
-    async def _ack_batch(self, conn: Conn, batch: Sequence[_EncodedAck]) -> list[ProviderError | None]:
+    async def _ack_batch(self, conn: Conn, batch: Sequence[_EncodedAck]) -> list[OrchestrationAckResult]:
+        params: dict[str, list[Any]] = {key: [] for key in _EncodedAck.KEYS}
+        for position, entry in enumerate(batch):
+            entry.add_to(params, position)
+        row = await (await _execute(conn, self._sql.ack_orchestration, params)).fetchone()
+        done: set[int] = set(row[0] or ()) if row else set()
+        created: set[int] = set(row[1] or ()) if row else set()
+        # The stored token of a directly leased item is the uuid its ack chose; the lease's token
+        # is "<id>:<uuid>", as for a fetched item.
+        leased: dict[str, str] = (
+            {stored: f"{row_id}:{stored}" for row_id, stored in zip(row[2], row[3], strict=True)}
+            if row and row[2]
+            else {}
+        )
+        results: list[OrchestrationAckResult] = []
         worker = False
         orchestrator_now = False
         timers: list[int] = []
-        changed: list[str] = []
-        params: dict[str, list[Any]] = {key: [] for key in _EncodedAck.KEYS}
+        instances: list[str] = []
         for position, entry in enumerate(batch):
-            worker = worker or entry.worker
+            if position not in done:
+                results.append(ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token))
+                continue
+            worker = worker or entry.unleased_workers
             orchestrator_now = orchestrator_now or entry.orchestrator_now
             timers.extend(entry.timers)
-            if entry.changed:
-                changed.append(entry.ack.instance_id)
-            entry.add_to(params, position)
-        row = await (await _execute(conn, self._sql.ack_orchestration, params)).fetchone()
-        done = set(row[0] or ()) if row else set()
-        errors: list[ProviderError | None] = [
-            None
-            if position in done
-            else ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token)
-            for position, entry in enumerate(batch)
-        ]
+            if entry.changed or position in created:
+                instances.append(entry.ack.instance_id)
+            results.append(entry.leases(leased) if entry.ack.lease_worker_items > 0 else None)
         if done:
             self._committed(
-                worker=worker, orchestrator_now=orchestrator_now, timers=timers, instances=changed
+                worker=worker, orchestrator_now=orchestrator_now, timers=timers, instances=instances
             )
-        return errors
+        return results
 
     async def abandon_orchestration_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
@@ -758,7 +729,8 @@ class PostgresProvider(Provider):
         rows = await self._run("fetch_work_items", body)
         rows.sort(key=lambda r: r[0])
         leases: list[WorkItemLease] = []
-        for _id, token, attempt_count, instance_id, execution_id, activity_id, data in rows:
+        for _id, stored, attempt_count, instance_id, execution_id, activity_id, data in rows:
+            token = f"{_id}:{stored}"
             ref = ActivityRef(instance_id=instance_id, execution_id=execution_id, activity_id=activity_id)
             item: ActivityExecute | None = None
             error: str | None = None
@@ -780,65 +752,102 @@ class PostgresProvider(Provider):
         return leases
 
     @staticmethod
-    def _work_row_id(lock_token: str) -> int | None:
-        head, sep, _ = lock_token.partition(":")
-        if not sep or not head.isdigit():
+    def _work_token(lock_token: str) -> tuple[int, str] | None:
+        """``(row id, stored token)`` of a worker lease token ``"<id>:<uuid>"``, or None if malformed."""
+        head, sep, tail = lock_token.partition(":")
+        if not sep or not tail or not (head.isascii() and head.isdigit()) or len(head) > 18:
             return None
-        return int(head)
+        return int(head), tail
 
-    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[ProviderError | None]:
-        """Delete each leased item and enqueue its completion, in one statement for the batch."""
+    async def ack_work_items(self, acks: Sequence[WorkItemAck]) -> list[WorkItemAckResult]:
+        """Delete each leased item and enqueue its completion, in one statement for the batch.
+
+        An ack with ``lock_instance`` also locks its completion's instance in that statement when
+        nobody holds it (as a fetch would); its result is then the locked item.
+        """
         if not acks:
             return []
         self._require_pool("ack_work_items")
-        results: list[ProviderError | None] = [None] * len(acks)
+        results: list[WorkItemAckResult] = [None] * len(acks)
         ids: list[int] = []
         tokens: list[str] = []
         insts: list[str | None] = []
         datas: list[str | None] = []
         vis: list[int | None] = []
+        lock_ms: list[int | None] = []
         slots: dict[int, int] = {}
-        completions: list[Message] = []
+        completions: list[tuple[int, Message]] = []
         for index, ack in enumerate(acks):
-            row_id = self._work_row_id(ack.lock_token)
-            if row_id is None or row_id in slots:
+            parts = self._work_token(ack.lock_token)
+            if parts is None or parts[0] in slots:
                 results[index] = ProviderError.lock_lost("ack_work_items", ack.lock_token)
                 continue
             completion = ack.completion
             try:
                 data = encode_message(completion) if completion is not None else None
+                lease = (
+                    _lease_ms(ack.lock_instance)
+                    if ack.lock_instance is not None and completion is not None
+                    else None
+                )
+            except ProviderError as exc:
+                results[index] = ProviderError("ack_work_items", exc.message, retryable=False)
+                continue
             except Exception as exc:
                 results[index] = ProviderError(
                     "ack_work_items", f"cannot encode completion: {exc}", retryable=False
                 )
                 continue
-            slots[row_id] = index
-            ids.append(row_id)
-            tokens.append(ack.lock_token)
+            slots[parts[0]] = index
+            ids.append(parts[0])
+            tokens.append(parts[1])
             insts.append(completion.instance_id if completion is not None else None)
             datas.append(data)
             vis.append(completion.visible_at_ms if completion is not None else None)
+            lock_ms.append(lease)
             if completion is not None:
-                completions.append(completion)
+                completions.append((index, completion))
         if not ids:
             return results
-        orchestrator_now, timers = self._split_visibility(completions)
-        params = {"ids": ids, "tokens": tokens, "insts": insts, "datas": datas, "vis": vis}
+        params: dict[str, Any] = {"ids": ids, "tokens": tokens, "insts": insts, "datas": datas, "vis": vis}
+        direct = any(ms is not None for ms in lock_ms)
+        if direct:
+            params["lock_ms"] = lock_ms
+            params["ns"] = self._advisory_ns
+        query = self._sql.ack_work_lock if direct else self._sql.ack_work
 
-        async def body(conn: Conn) -> list[int]:
-            row = await (await _execute(conn, self._sql.ack_work, params)).fetchone()
-            return list(row[0] or []) if row else []
+        async def body(conn: Conn) -> list[tuple[Any, ...]]:
+            return await (await _execute(conn, query, params)).fetchall()
 
         try:
-            done = set(await self._run("ack_work_items", body))
+            rows = await self._run("ack_work_items", body)
         except ProviderError as exc:
             for index in slots.values():
                 results[index] = exc
             return results
+        done = set(rows[0][0] or []) if rows else set()
+        #: instance id -> the index of the ack whose direct lock won it.
+        locked: dict[str, int] = {}
+        if direct:
+            # Columns: done, nosync, ack_id, then a locked item (all None when nothing was locked).
+            for row in rows:
+                if row[3] is None:
+                    continue
+                item = _item_from_row(row[3:])
+                results[slots[row[2]]] = item
+                locked[item.instance_id] = slots[row[2]]
         for row_id, index in slots.items():
             if row_id not in done:
                 results[index] = ProviderError.lock_lost("ack_work_items", acks[index].lock_token)
-        if done and completions:
+        # A completion tagged by a direct lock is no work for anybody else: no wake-up for it.
+        # (The lock tagged the completions of its ack and of the acks before it in the batch.)
+        waiting = [
+            c
+            for index, c in completions
+            if c.visible_at_ms is not None or index > locked.get(c.instance_id, -1)
+        ]
+        if done and waiting:
+            orchestrator_now, timers = self._split_visibility(waiting)
             self._committed(orchestrator_now=orchestrator_now, timers=timers)
         return results
 
@@ -847,12 +856,12 @@ class PostgresProvider(Provider):
     ) -> None:
         """Release a lease without completing (optionally delayed, optionally uncounted)."""
         delay_ms = _delay_ms(delay)
-        row_id = self._work_row_id(lock_token)
-        if row_id is None:
+        parts = self._work_token(lock_token)
+        if parts is None:
             raise ProviderError.lock_lost("abandon_work_item", lock_token)
         params = {
-            "id": row_id,
-            "token": lock_token,
+            "id": parts[0],
+            "token": parts[1],
             "delay_ms": delay_ms,
             "ignore_attempt": ignore_attempt,
         }
@@ -874,17 +883,17 @@ class PostgresProvider(Provider):
         ids: list[int] = []
         tokens: list[str] = []
         for token in lock_tokens:
-            row_id = self._work_row_id(token)
-            if row_id is not None:
-                ids.append(row_id)
-                tokens.append(token)
+            parts = self._work_token(token)
+            if parts is not None:
+                ids.append(parts[0])
+                tokens.append(parts[1])
         if not ids:
             return [False] * len(lock_tokens)
         params = {"ids": ids, "tokens": tokens, "lease_ms": lease_ms}
 
         async def body(conn: Conn) -> set[str]:
             rows = await (await _execute(conn, self._sql.renew_work, params)).fetchall()
-            return {r[0] for r in rows}
+            return {f"{row_id}:{stored}" for row_id, stored in rows}
 
         renewed = await self._run("renew_work_item_locks", body)
         return [token in renewed for token in lock_tokens]
@@ -1009,7 +1018,8 @@ class _EncodedAck:
     KEYS = (
         "idx", "instance_id", "token", "execution_id", "parent", "cs_changed", "cs", "name", "version",
         "status", "output", "last_event_id", "h_idx", "h_event_id", "h_data", "c_idx", "c_inst", "c_exec",
-        "c_act", "w_idx", "w_inst", "w_exec", "w_act", "w_data", "o_idx", "o_inst", "o_data", "o_vis",
+        "c_act", "w_idx", "w_inst", "w_exec", "w_act", "w_data", "w_lease_token", "w_lease_ms", "o_idx",
+        "o_inst", "o_data", "o_vis",
     )  # fmt: skip
 
     __slots__ = (
@@ -1017,10 +1027,12 @@ class _EncodedAck:
         "changed",
         "events",
         "index",
+        "lease_ms",
+        "lease_tokens",
         "orchestrator",
         "orchestrator_now",
         "timers",
-        "worker",
+        "unleased_workers",
         "workers",
     )
 
@@ -1030,14 +1042,56 @@ class _EncodedAck:
         self.events = [(e.event_id, encode_event(e)) for e in ack.history]
         self.workers = [(w, encode_message(w)) for w in ack.worker_items]
         self.orchestrator = [(m, encode_message(m)) for m in ack.orchestrator_items]
-        self.worker = bool(self.workers)
         self.orchestrator_now, self.timers = PostgresProvider._split_visibility(ack.orchestrator_items)
         self.changed = ack.status is not None or ack.custom_status_changed
+        leased = self._leased_count(ack)
+        self.lease_ms: int | None = None
+        if leased:
+            try:
+                self.lease_ms = _lease_ms(ack.worker_lease_timeout)
+            except ProviderError as exc:
+                raise ProviderError("ack_orchestration_items", exc.message, retryable=False) from None
+        #: The stored token (a fresh uuid) of each of the first ``leased`` worker items.
+        self.lease_tokens = [str(uuid.uuid4()) for _ in range(leased)]
+        #: Whether some worker item is left for fetchers (and so worth a wake-up).
+        self.unleased_workers = len(self.workers) > leased
+
+    @staticmethod
+    def _leased_count(ack: OrchestrationAck) -> int:
+        """How many worker items to lease directly; raises a permanent error for a bad request."""
+        count = ack.lease_worker_items
+        if count < 0:
+            raise ProviderError(
+                "ack_orchestration_items", f"lease_worker_items must be >= 0, got {count}", retryable=False
+            )
+        count = min(count, len(ack.worker_items))
+        if count and ack.cancelled_activities:
+            cancelled = {(r.instance_id, r.execution_id, r.activity_id) for r in ack.cancelled_activities}
+            for item in ack.worker_items[:count]:
+                if (item.instance_id, item.execution_id, item.activity_id) in cancelled:
+                    raise ProviderError(
+                        "ack_orchestration_items",
+                        f"activity {item.activity_id} of {item.instance_id!r} is both leased and cancelled",
+                        retryable=False,
+                    )
+        return count
 
     @classmethod
     def build(cls, index: int, ack: OrchestrationAck) -> _EncodedAck:
-        """Encode ``ack`` (raises if a payload cannot be encoded)."""
+        """Encode ``ack`` (raises if a payload cannot be encoded, ProviderError for a bad request)."""
         return cls(index, ack)
+
+    def leases(self, leased: dict[str, str]) -> list[WorkItemLease]:
+        """The ack's direct leases, in ``worker_items`` order, given stored token -> lease token."""
+        result: list[WorkItemLease] = []
+        for (item, _), stored in zip(self.workers, self.lease_tokens, strict=False):
+            ref = ActivityRef(
+                instance_id=item.instance_id, execution_id=item.execution_id, activity_id=item.activity_id
+            )
+            token = leased.get(stored)
+            if token is not None:  # always, unless the database lost a row it just inserted
+                result.append(WorkItemLease(lock_token=token, attempt_count=1, ref=ref, item=item))
+        return result
 
     def add_to(self, params: dict[str, list[Any]], position: int) -> None:
         """Append this ack's values to the batch statement's array parameters."""
@@ -1063,12 +1117,15 @@ class _EncodedAck:
             params["c_inst"].append(ref.instance_id)
             params["c_exec"].append(ref.execution_id)
             params["c_act"].append(ref.activity_id)
-        for item, data in self.workers:
+        for k, (item, data) in enumerate(self.workers):
             params["w_idx"].append(position)
             params["w_inst"].append(item.instance_id)
             params["w_exec"].append(item.execution_id)
             params["w_act"].append(item.activity_id)
             params["w_data"].append(data)
+            leased = k < len(self.lease_tokens)
+            params["w_lease_token"].append(self.lease_tokens[k] if leased else None)
+            params["w_lease_ms"].append(self.lease_ms if leased else None)
         for message, data in self.orchestrator:
             params["o_idx"].append(position)
             params["o_inst"].append(message.instance_id)
@@ -1129,6 +1186,70 @@ def _instance_info(
         last_event_id=last_event_id or 0,
         created_at_ms=created_at_ms,
         updated_at_ms=updated_at_ms,
+    )
+
+
+def _item_from_row(row: Sequence[Any]) -> OrchestrationItem:
+    """A locked instance as returned by a fetch or a direct lock (``_sql``'s item columns), decoded.
+
+    A message that cannot be decoded, or is not an orchestrator message, is reported in
+    ``bad_messages`` (it stays tagged, so the ack deletes it), never raised.
+    """
+    (
+        instance_id,
+        token,
+        attempt_count,
+        ids,
+        datas,
+        name,
+        version,
+        execution_id,
+        status,
+        output,
+        parent,
+        custom_status,
+        custom_status_version,
+        last_event_id,
+        created_at_ms,
+        updated_at_ms,
+    ) = row
+    messages: list[Message] = []
+    bad: list[str] = []
+    for message_id, data in zip(ids or (), datas or (), strict=True):
+        try:
+            decoded = decode_message(data)
+        except DecodeError as exc:
+            bad.append(f"orchestrator_queue id {message_id}: {exc}")
+            continue
+        if isinstance(decoded, ActivityExecute):
+            bad.append(
+                f"orchestrator_queue id {message_id}: an ActivityExecute is not an orchestrator message"
+            )
+            continue
+        messages.append(decoded)
+    info = None
+    if execution_id is not None:
+        info = _instance_info(
+            instance_id,
+            name,
+            version,
+            execution_id,
+            status,
+            output,
+            parent,
+            custom_status,
+            custom_status_version,
+            last_event_id,
+            created_at_ms,
+            updated_at_ms,
+        )
+    return OrchestrationItem(
+        instance_id=instance_id,
+        lock_token=token,
+        attempt_count=attempt_count or 0,
+        messages=messages,
+        instance=info,
+        bad_messages=bad,
     )
 
 
