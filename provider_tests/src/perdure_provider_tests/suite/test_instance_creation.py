@@ -53,6 +53,17 @@ async def test_ack_without_history_creates_no_instance(provider: Provider) -> No
     assert (await fetch_one(provider, "ghost")).instance is None
 
 
+async def test_ack_with_a_status_but_no_history_creates_no_instance(provider: Provider) -> None:
+    """An ack with a status or custom status but no history creates no instance either."""
+    await enqueue(provider, event_message("ghost"))
+    item = await fetch_one(provider, "ghost")
+    ack = ack_for(item, execution_id=1, name="ghost", status="failed", output='"x"')
+    ack.custom_status_changed, ack.custom_status = True, '"busy"'
+    await ack_ok(provider, ack)
+    assert await provider.get_instance("ghost") is None
+    assert await provider.read_history("ghost") == []
+
+
 async def test_first_ack_creates_the_instance_from_its_data(provider: Provider) -> None:
     """The first ack creates the instance with the ack's name, version, execution id and status."""
     before = now_ms()

@@ -239,7 +239,12 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
         raise ProviderError.lock_lost("ack_orchestration_items", ack.lock_token)
     execute(_DELETE_TAGGED, (instance_id, ack.lock_token))
     status = ack.status
-    if ack.history or status is not None or ack.custom_status_changed:
+    # Only an ack that records history creates the instance; one without history may still
+    # update an existing instance (its custom status, say).
+    if ack.history or (
+        (status is not None or ack.custom_status_changed)
+        and execute(_SELECT_FOR_ACK, (instance_id,)).fetchone() is not None
+    ):
         execution_exists, visible_change = _apply_instance(connection, ack, now)
         # Clients wait for a status or custom status; a history-only turn (one step of a long
         # chain) must not wake them to re-read an instance that looks the same.
