@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pg_helpers import LEASE, eventually, first_ack, now_ms, start
+from pg_helpers import LEASE, empty_ack, event, eventually, first_ack, now_ms, start
 
 from perdure.history import TimerElapsed
 from perdure_postgres import PostgresProvider
@@ -135,6 +135,41 @@ async def test_dead_listener_only_delays_work(make_provider: Any, admin: psycopg
     await consumer.wait_for_work("orchestrator", 0.3)  # the runtime's fallback poll interval
     assert time.monotonic() - started >= 0.25
     assert len(await consumer.fetch_orchestration_items(1, LEASE)) == 1
+
+
+@pytest.mark.parametrize("same_provider", [True, False], ids=["same-provider", "other-provider"])
+async def test_messages_that_arrived_during_a_lock_wake_waiters_when_the_ack_releases_it(
+    make_provider: Any, same_provider: bool
+) -> None:
+    """A fetcher told of a message for a locked instance finds nothing and waits again; the ack that
+    releases the instance must wake it, or the message waits for the next poll."""
+    runtime = await make_provider()
+    fetcher = runtime if same_provider else await make_provider()
+    await runtime.enqueue_orchestrator_messages([start("a")])
+    [item] = await runtime.fetch_orchestration_items(1, LEASE)
+    assert await runtime.ack_orchestration_items([first_ack(item)]) == [None]
+    await runtime.enqueue_orchestrator_messages([event("a", data="1")])
+    [item] = await runtime.fetch_orchestration_items(1, LEASE)
+    await fetcher.enqueue_orchestrator_messages([event("a", data="2")])  # arrives during the lock
+    await fetcher.wait_for_work("orchestrator", 5)
+    assert await fetcher.fetch_orchestration_items(1, LEASE) == []  # locked: back to waiting
+    waiter = await timed_wait(fetcher, "orchestrator")
+    sent = time.monotonic()
+    assert await runtime.ack_orchestration_items([empty_ack(item)]) == [None]
+    assert await asyncio.wait_for(waiter, 5) - sent < WAKE_BOUND
+    [left] = await fetcher.fetch_orchestration_items(1, LEASE)
+    assert [m.data for m in left.messages] == ["2"]  # type: ignore[attr-defined]
+
+
+async def test_an_ack_leaving_nothing_behind_wakes_no_fetcher(make_provider: Any) -> None:
+    runtime = await make_provider()
+    await runtime.enqueue_orchestrator_messages([start("a")])
+    [item] = await runtime.fetch_orchestration_items(1, LEASE)
+    waiter = await timed_wait(runtime, "orchestrator", timeout=0.3)
+    assert await runtime.ack_orchestration_items([first_ack(item)]) == [None]
+    started = time.monotonic()
+    await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - started > 0.2
 
 
 async def test_instance_change_wakes_a_client_in_another_provider(make_provider: Any) -> None:

@@ -212,12 +212,15 @@ dq AS (
     RETURNING 1
 )
 -- Acked positions; positions whose ack created the instance (the statement's snapshot does not see
--- inst's insert, and holding the lock nobody else can create it meanwhile); the ids and stored
--- tokens of the worker items leased directly.
+-- inst's insert, and holding the lock nobody else can create it meanwhile); whether a released
+-- instance still has visible messages that arrived during the lock (fetchers that found it locked
+-- went back to sleep: they must be woken); the ids and stored tokens of the items leased directly.
 SELECT (SELECT array_agg(idx) FROM lk),
        (SELECT array_agg(lk.idx) FROM lk
         WHERE lk.last_event_id > 0
           AND NOT EXISTS (SELECT 1 FROM {s}.instances x WHERE x.instance_id = lk.instance_id)),
+       EXISTS (SELECT 1 FROM lk JOIN {s}.orchestrator_queue q ON q.instance_id = lk.instance_id
+               WHERE q.visible_at_ms <= {now} AND q.lock_token IS DISTINCT FROM lk.token),
        lw.ids, lw.tokens
 FROM (SELECT array_agg(id) AS ids, array_agg(lock_token) AS tokens FROM wq WHERE lock_token IS NOT NULL) lw
 """

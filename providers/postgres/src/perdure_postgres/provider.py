@@ -91,7 +91,9 @@ Wake-ups
     (measured: ~70% of the client's backends waiting on it). A dedicated LISTEN connection that
     reconnects by itself feeds ``wait_for_work``; see :mod:`perdure_postgres._wakeups`. Instance
     notifications go out only for acks that create the instance or change its status or custom
-    status: a turn that only appends history has nobody to wake.
+    status: a turn that only appends history has nobody to wake. An ack that releases an instance
+    with messages that arrived during its lock wakes the orchestrator waiters: those told of the
+    messages found the instance locked and went back to waiting.
 
 Connections, errors, poolers
     psycopg 3 async with ``psycopg_pool.AsyncConnectionPool``; each pooled connection gets
@@ -659,13 +661,15 @@ class PostgresProvider(Provider):
         # The stored token of a directly leased item is the uuid its ack chose; the lease's token
         # is "<id>:<uuid>", as for a fetched item.
         leased: dict[str, str] = (
-            {stored: f"{row_id}:{stored}" for row_id, stored in zip(row[2], row[3], strict=True)}
-            if row and row[2]
+            {stored: f"{row_id}:{stored}" for row_id, stored in zip(row[3], row[4], strict=True)}
+            if row and row[3]
             else {}
         )
         results: list[OrchestrationAckResult] = []
         worker = False
-        orchestrator_now = False
+        # Messages that arrived while an instance was locked are fetchable once the ack releases
+        # it; whoever was told of them found the instance locked and went back to waiting.
+        orchestrator_now = bool(row and row[2])
         timers: list[int] = []
         instances: list[str] = []
         for position, entry in enumerate(batch):
