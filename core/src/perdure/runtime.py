@@ -111,23 +111,22 @@ class RuntimeOptions:
 
 
 class _Batcher(Generic[A, R]):
-    """Coalesce concurrent submissions into one provider call; each caller gets its own result."""
+    """Coalesce concurrent submissions into one provider call; each caller gets its own results."""
 
     def __init__(self, call: Callable[[Sequence[A]], Awaitable[list[R | ProviderError]]]) -> None:
         self._call = call
-        self._pending: list[tuple[A, asyncio.Future[R | ProviderError]]] = []
+        self._pending: list[tuple[Sequence[A], asyncio.Future[list[R | ProviderError]]]] = []
         self._flushing = False
         #: The task committing the current batch, if any (shutdown waits for it).
         self.flusher: asyncio.Future[None] | None = None
 
     def submit(self, items: Sequence[A]) -> asyncio.Future[list[R | ProviderError]]:
-        """Queue ``items``; the future resolves with their results, in order."""
-        return asyncio.gather(*(self.submit_one(item) for item in items))
+        """Queue ``items`` now (their provider call is made before any later submission's).
 
-    def submit_one(self, item: A) -> asyncio.Future[R | ProviderError]:
-        """Queue one item now (its provider call is scheduled before any later submission's)."""
-        future: asyncio.Future[R | ProviderError] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        The future resolves with their results, in order.
+        """
+        future: asyncio.Future[list[R | ProviderError]] = asyncio.get_running_loop().create_future()
+        self._pending.append((items, future))
         if not self._flushing:
             self._flushing = True
             self.flusher = asyncio.ensure_future(self._flush())
@@ -137,17 +136,21 @@ class _Batcher(Generic[A, R]):
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                items = [item for group, _ in batch for item in group]
                 results: list[R | ProviderError]
                 try:
-                    results = await self._call([item for item, _ in batch])
+                    results = await self._call(items)
                 except ProviderError as exc:
-                    results = [exc] * len(batch)
+                    results = [exc] * len(items)
                 except Exception as exc:  # a provider bug must not strand the callers
                     error = ProviderError("ack", f"unexpected {type(exc).__name__}: {exc}", retryable=True)
-                    results = [error] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
+                    results = [error] * len(items)
+                start = 0
+                for group, future in batch:
+                    end = start + len(group)
                     if not future.done():
-                        future.set_result(result)
+                        future.set_result(results[start:end])
+                    start = end
         finally:
             self._flushing = False
 
@@ -936,7 +939,7 @@ class Runtime:
             return  # released at shutdown; its lease went back to the queue
         direct = self._direct and self._running
         lock = self.options.orchestration_lock_timeout if direct else None
-        acked = self._work_acks.submit_one(WorkItemAck(lease.lock_token, completion, lock))
+        acked = self._work_acks.submit([WorkItemAck(lease.lock_token, completion, lock)])
         if self._ordered_calls and not direct:
             self._orchestrator_waker.nudge()
         acked.add_done_callback(functools.partial(self._acked, lease, completion, attempt, direct))
@@ -947,9 +950,9 @@ class Runtime:
         completion: h.Message,
         attempt: int,
         direct: bool,
-        acked: asyncio.Future[WorkItemAckResult],
+        acked: asyncio.Future[list[WorkItemAckResult]],
     ) -> None:
-        result = acked.result()
+        [result] = acked.result()
         error = result if isinstance(result, ProviderError) else None
         if isinstance(result, OrchestrationItem):
             self._run_direct(result)
