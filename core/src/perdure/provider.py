@@ -48,6 +48,12 @@ Direct dispatch (optional, ``capabilities.direct_dispatch``):
       instance (the new completion included) is tagged and counted as a fetch would, and the
       item is the ack's result. When the instance is locked elsewhere the result is ``None`` and
       the completion waits for a fetch like any other message.
+    * An orchestration ack with ``keep_lock`` keeps the instance locked, same token, instead of
+      releasing it, so the runtime that leased a short activity can run the turn its result
+      wakes with no call at all in between; that next ack lists the activity's lease in
+      ``completed_work_items`` and deletes the work item it consumed in memory. A message of the
+      instance that is visible and untagged at commit time must not wait behind a held lock: the
+      lock is then released as usual (and the caller's next ack with that token fails).
 
 Errors:
     Every failure is a :class:`ProviderError` whose ``retryable`` says whether the same call may
@@ -208,6 +214,14 @@ class OrchestrationAck:
     lease_worker_items: int = 0
     #: Seconds those leases last from the commit.
     worker_lease_timeout: float = 30.0
+    #: Direct dispatch only: keep the instance locked with the same token for this many seconds
+    #: after the commit instead of releasing it, unless one of its messages is visible and
+    #: untagged at commit time (then the lock is released as usual).
+    keep_lock: float | None = None
+    #: Direct dispatch only: lease tokens of work items whose results this turn applied directly
+    #: (they never went through the queue). The ack deletes them, and fails permanently, changing
+    #: nothing, unless every one of those leases is held.
+    completed_work_items: Sequence[str] = ()
 
 
 @dataclass(slots=True)
