@@ -16,7 +16,9 @@ With a provider that supports direct dispatch, work hands over between the two d
 without the queues' fetches: a turn's ack leases the activities it schedules to this runtime
 (while activity slots are free) and they start as soon as it commits; an activity's ack locks the
 instance its result is for (when no one else holds it) and the turn runs at once. A sequential
-workflow then costs two provider calls per step instead of four.
+workflow then costs two provider calls per step instead of four. When the turn waits on a single
+activity that ran quickly last time, its ack even keeps the instance locked until the result is
+back (for at most ``hold_instance``), and the step costs one call.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from perdure.engine import Engine, TurnResult, error_details
 from perdure.errors import NondeterminismError
 from perdure.limits import HISTORY_WARNING_EVENTS, check_payload
 from perdure.provider import (
+    InstanceInfo,
     OrchestrationAck,
     OrchestrationAckResult,
     OrchestrationItem,
@@ -91,6 +94,11 @@ class RuntimeOptions:
             without a fetch while slots are free, and the turn an activity's result wakes runs
             here without a fetch. Off, every hand-over goes through the queues; results are the
             same either way.
+        hold_instance: with direct dispatch, seconds an instance stays locked by this runtime
+            after a turn that waits on one activity whose last run here took under half as long,
+            so the turn its result wakes needs no hand-over call. Other messages for the instance
+            wait at most this long (an ack never keeps a lock while messages are waiting). 0
+            disables holding.
 
     """
 
@@ -108,6 +116,7 @@ class RuntimeOptions:
     cache_size: int = 10_000
     shutdown_timeout: float = 30.0
     direct_dispatch: bool = True
+    hold_instance: float = 0.05
 
 
 class _Batcher(Generic[A, R]):
@@ -245,6 +254,19 @@ class _Running:
     ctx: ActivityContext
     done: asyncio.Future[None]
     task: asyncio.Task[None] | None = None
+    started: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _Held:
+    """An instance whose lock this runtime kept while the one activity its turn awaits runs here."""
+
+    #: The instance as the next turn sees it (the runtime's own view after the kept ack).
+    instance: InstanceInfo
+    lock_token: str
+    #: The lease of the awaited activity; its result is the next turn's only message.
+    lease_token: str
+    timer: asyncio.TimerHandle | None = None
 
 
 class _EngineCache:
@@ -304,6 +326,10 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         #: Turns started by a direct hand-over from an activity's ack (shutdown waits for them).
         self._direct_turns: set[asyncio.Future[None]] = set()
+        #: Instances whose lock this runtime kept for the result of one quick activity.
+        self._held: dict[str, _Held] = {}
+        #: Per activity name: did its last run here finish within half of ``hold_instance``?
+        self._quick: dict[str, bool] = {}
         self._activities: dict[str, _Running] = {}
         self._by_ref: dict[h.ActivityRef, str] = {}
         self._bodies: dict[OrchestrationDef, Callable[[Engine, str], Any]] = {}
@@ -353,6 +379,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        # Held instances go back now: the results of their activities take the queue from here.
+        await asyncio.gather(*(self._unhold(held) for held in list(self._held.values())))
         wait = self.options.shutdown_timeout if timeout is None else timeout
         running = [r.done for r in self._activities.values()]
         if running:
@@ -428,7 +456,11 @@ class Runtime:
 
     def _run_direct(self, item: OrchestrationItem) -> None:
         """Run the turn of an instance an activity's ack locked for us, outside the fetch loops."""
-        turn = asyncio.ensure_future(self._run_items([item]))
+        self._spawn(self._run_items([item]))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run hand-over work in the background; shutdown waits for it."""
+        turn = asyncio.ensure_future(work)
         self._direct_turns.add(turn)
         turn.add_done_callback(self._direct_turn_done)
 
@@ -447,10 +479,12 @@ class Runtime:
             _log.log(level, "could not %s (%s); retrying in %.2f s", what, error, delay)
         await asyncio.sleep(delay)
 
-    async def _commit_turns(self, acks: list[OrchestrationAck]) -> None:
+    async def _commit_turns(self, acks: list[OrchestrationAck]) -> list[OrchestrationAck]:
+        """Commit the turns (retrying retryable failures); return the acks that did not commit."""
         if self._direct and self._running:
             for ack in acks:
                 self._lease_directly(ack)
+        failed: list[OrchestrationAck] = []
         pending = acks
         for attempt in range(1, _ACK_ATTEMPTS + 1):
             submitted = self._orch_acks.submit(pending)
@@ -470,13 +504,22 @@ class Runtime:
                     retry.append(ack)  # its reserved slots stay reserved for the retry
                     continue
                 self._slots.release(ack.lease_worker_items)
-                _log.warning("turn of %r was not committed (%s); it will run again", ack.instance_id, result)
+                failed.append(ack)
+                if ack.completed_work_items and not result.retryable:
+                    # A held instance the store let go (messages arrived meanwhile, or the hold
+                    # lapsed): the activity's result now goes through the queue instead.
+                    _log.debug("held turn of %r not committed: %s", ack.instance_id, result)
+                else:
+                    _log.warning(
+                        "turn of %r was not committed (%s); it will run again", ack.instance_id, result
+                    )
                 if result.retryable:
                     await self._abandon_turn(ack.lock_token)
             if not retry:
-                return
+                return failed
             await asyncio.sleep(0.05 * attempt)
             pending = retry
+        return failed
 
     def _lease_directly(self, ack: OrchestrationAck) -> None:
         """Ask the ack to lease its leading activities to us, one free slot each."""
@@ -495,6 +538,14 @@ class Runtime:
             )
         ack.lease_worker_items = self._slots.try_take(wanted)
         ack.worker_lease_timeout = self.options.activity_lock_timeout
+        if (
+            ack.lease_worker_items == 1
+            and len(ack.worker_items) == 1
+            and ack.status in (None, "running")
+            and ack.history
+            and self._quick.get(ack.worker_items[0].name, False)
+        ):
+            ack.keep_lock = self.options.orchestration_lock_timeout
 
     def _after_commit(self, ack: OrchestrationAck, leases: list[WorkItemLease] | None) -> None:
         """Start the activities the ack leased to us; signal those it cancelled."""
@@ -506,8 +557,58 @@ class Runtime:
         if ack.lease_worker_items:
             leases = leases or []
             self._slots.release(ack.lease_worker_items - len(leases))
+            if ack.keep_lock is not None and len(leases) == 1:
+                self._hold(ack, leases[0])
             for lease in leases:
                 self._start(lease)
+
+    def _hold(self, ack: OrchestrationAck, lease: WorkItemLease) -> None:
+        """Remember an instance whose lock the ack kept (if the store let it go, the next ack says so)."""
+        last_event_id = max(event.event_id for event in ack.history)
+        instance = InstanceInfo(
+            instance_id=ack.instance_id,
+            name=ack.name,
+            version=ack.version,
+            execution_id=ack.execution_id,
+            status="running",
+            output=None,
+            parent_instance_id=ack.parent.instance_id if ack.parent else None,
+            custom_status=None,
+            custom_status_version=0,
+            last_event_id=last_event_id,
+            created_at_ms=0,
+            updated_at_ms=0,
+        )
+        held = _Held(instance, ack.lock_token, lease.lock_token)
+        assert self._loop is not None
+        held.timer = self._loop.call_later(self.options.hold_instance, self._hold_lapsed, held)
+        self._held[ack.instance_id] = held
+
+    def _hold_lapsed(self, held: _Held) -> None:
+        """The activity took longer than ``hold_instance``: let the instance go."""
+        if self._held.get(held.instance.instance_id) is held:
+            self._spawn(self._unhold(held))
+
+    async def _unhold(self, held: _Held) -> None:
+        """Release a held instance's lock; its activity's result will take the queue."""
+        if self._held.get(held.instance.instance_id) is not held:
+            return
+        del self._held[held.instance.instance_id]
+        if held.timer is not None:
+            held.timer.cancel()
+        await self._abandon_turn(held.lock_token)
+        self._orchestrator_waker.nudge()  # a result that found the instance still locked
+
+    async def _run_held(self, held: _Held, lease: WorkItemLease, completion: h.Message) -> None:
+        """Run the turn a held instance's activity result wakes, consuming its lease in the ack."""
+        item = OrchestrationItem(held.instance.instance_id, held.lock_token, 1, [completion], held.instance)
+        ack = await self._turn(item)
+        if ack is not None:
+            ack.completed_work_items = [lease.lock_token]
+            if not await self._commit_turns([ack]):
+                self._release(lease)
+                return
+        self._ack_work(lease, completion)  # not committed: the lease is still ours
 
     async def _abandon_turn(self, lock_token: str, delay: float = 0.0) -> None:
         try:
@@ -806,7 +907,7 @@ class Runtime:
             client=self.client,
             loop=loop,
         )
-        running = _Running(lease, ctx, loop.create_future())
+        running = _Running(lease, ctx, loop.create_future(), started=time.monotonic())
         self._activities[lease.lock_token] = running
         self._by_ref[lease.ref] = lease.lock_token
         prepared = self._prepare(lease, ctx)
@@ -929,7 +1030,25 @@ class Runtime:
             _log.debug("abandon failed (the lease will expire instead): %s", exc)
         self._release(lease)
 
-    def _finish(self, lease: WorkItemLease, completion: h.Message, attempt: int = 1) -> None:
+    def _finish(self, lease: WorkItemLease, completion: h.Message) -> None:
+        """Hand an activity's completion over: to its held instance's next turn, or by an ack."""
+        running = self._activities.get(lease.lock_token)
+        if running is None:
+            return  # released at shutdown; its lease went back to the queue
+        if lease.item is not None and self.options.hold_instance > 0:
+            took = time.monotonic() - running.started
+            self._quick[lease.item.name] = took < self.options.hold_instance / 2
+        instance_id = lease.ref.instance_id
+        held = self._held.get(instance_id)
+        if held is not None and held.lease_token == lease.lock_token and self._running:
+            del self._held[instance_id]
+            if held.timer is not None:
+                held.timer.cancel()
+            self._spawn(self._run_held(held, lease, completion))
+            return
+        self._ack_work(lease, completion)
+
+    def _ack_work(self, lease: WorkItemLease, completion: h.Message, attempt: int = 1) -> None:
         """Ack the activity with its completion (batched with others) and free its slot.
 
         With direct dispatch the ack also locks the instance the completion is for, and its turn
@@ -962,7 +1081,7 @@ class Runtime:
             # A blip (busy store, dropped connection): the lease is likely still ours, so retry
             # rather than let the activity run again after the lease lapses.
             loop = asyncio.get_running_loop()
-            loop.call_later(0.05 * attempt, self._finish, lease, completion, attempt + 1)
+            loop.call_later(0.05 * attempt, self._ack_work, lease, completion, attempt + 1)
             return
         if error is not None:
             _log.info(
