@@ -833,3 +833,72 @@ async def test_an_event_for_an_unknown_instance_leaves_no_trace(runtime_factory:
     assert await runtime.client.get_status("order-1") is None
     await runtime.client.start_orchestration(later, instance_id="order-1")
     assert (await runtime.client.wait_for_orchestration("order-1", timeout=10)).result() == "started fine"
+
+
+# -- direct dispatch: held instances ------------------------------------------------------------
+
+
+async def test_a_chain_of_quick_activities_still_takes_a_cancel(runtime_factory: Any) -> None:
+    """A held instance lets go when a message waits, so a cancel is never starved by quick steps."""
+    app = Registry()
+    runs: list[int] = []
+
+    @app.activity
+    def quick(ctx: ActivityContext, i: int) -> int:
+        runs.append(i)
+        return i
+
+    @app.orchestration
+    async def endless(ctx: OrchestrationContext) -> None:
+        for i in range(1_000_000):
+            await ctx.call_activity(quick, i)
+
+    runtime = await runtime_factory(app)
+    instance = await runtime.client.start_orchestration(endless)
+    for _ in range(1000):
+        if len(runs) >= 50:
+            break
+        await asyncio.sleep(0.01)
+    await runtime.client.cancel(instance, "enough")
+    status = await runtime.client.wait_for_orchestration(instance, timeout=10)
+    assert status.status == "cancelled"
+    ran = len(runs)
+    await asyncio.sleep(0.2)
+    assert len(runs) <= ran + 1  # at most the step that was in flight
+
+
+async def test_a_held_instance_is_released_when_its_activity_turns_slow(runtime_factory: Any) -> None:
+    """An activity that outlasts the hold releases its instance: an event gets a turn meanwhile.
+
+    (Nothing waits for the event, so it is only recorded; what matters is when.)
+    """
+    app = Registry()
+    slow_started = threading.Event()
+    finish_slow = threading.Event()
+
+    @app.activity
+    def step(ctx: ActivityContext, i: int) -> int:
+        if i == 3:
+            slow_started.set()
+            finish_slow.wait(10)
+        return i
+
+    @app.orchestration
+    async def flow(ctx: OrchestrationContext) -> list[int]:
+        return [await ctx.call_activity(step, i) for i in range(4)]
+
+    runtime = await runtime_factory(app, hold_instance=0.05)
+    instance = await runtime.client.start_orchestration(flow)
+    await asyncio.get_running_loop().run_in_executor(None, slow_started.wait, 10)
+    await runtime.client.raise_event(instance, "note", 9)
+    for _ in range(200):  # the event is recorded while the slow activity still runs
+        if any(isinstance(e, h.EventRaised) for e in await runtime.client.read_history(instance)):
+            break
+        await asyncio.sleep(0.02)
+    finish_slow.set()
+    status = await runtime.client.wait_for_orchestration(instance, timeout=10)
+    assert status.result() == [0, 1, 2, 3]
+    kinds = [type(e) for e in await runtime.client.read_history(instance)]
+    raised = kinds.index(h.EventRaised)
+    last_result = len(kinds) - 1 - kinds[::-1].index(h.ActivityCompleted)
+    assert raised < last_result, "the event waited for the held instance's slow activity"
