@@ -13,7 +13,10 @@ changes its status or custom status (an ack that only appends history wakes no o
 Direct dispatch is supported: an orchestration ack can lease the activities it schedules to its
 caller, and a work-item ack can lock the instance its completion wakes. Both go through the very
 code a fetch uses (:meth:`InMemoryProvider._lease` and :meth:`InMemoryProvider._lock_instance`), so
-a direct hand-over is indistinguishable from the fetch it replaces.
+a direct hand-over is indistinguishable from the fetch it replaces. An orchestration ack can also
+keep its instance lock (``keep_lock``) unless a message of the instance is already waiting, and
+delete work items whose results the turn applied in memory (``completed_work_items``), validating
+their leases with the same check a work ack uses (:meth:`InMemoryProvider._leased_row`).
 
 Every method runs to completion without awaiting, so each call is atomic on the event loop: no
 locks are needed. The provider is not thread-safe and belongs to the event loop that first waits
@@ -209,6 +212,12 @@ class InMemoryProvider(Provider):
         cancelled = set(ack.cancelled_activities)
         if any(row.ref in cancelled for row in direct):
             return ProviderError(op, "an activity to lease directly is also cancelled", retryable=False)
+        # Work items whose results the turn applied in memory: every lease must still be held, as
+        # for a work ack; one that is not (cancelled, lapsed, taken, unknown) fails the whole ack.
+        completed = set(ack.completed_work_items)
+        for token in ack.completed_work_items:
+            if self._leased_row(token, now) is None:
+                return ProviderError.lock_lost(op, token)
 
         # Apply: the instance is created here and nowhere else, and only by an ack that records
         # history (one without history just consumes its messages).
@@ -234,15 +243,30 @@ class InMemoryProvider(Provider):
 
         # Insert new work *before* deleting cancelled activities, so scheduling and cancelling one
         # activity in the same turn leaves nothing behind. Direct leases are taken as a fetch takes
-        # them, so the caller holds those items from the moment they exist.
+        # them, so the caller holds those items from the moment they exist. The completed items go
+        # with the cancelled ones (their leases were checked above).
         self._worker_queue.extend(work_rows)
         leases = [self._lease(row, now, ack.worker_lease_timeout) for row in direct]
         self._orchestrator_queue.extend(messages)
-        if cancelled:
-            self._worker_queue = [row for row in self._worker_queue if row.ref not in cancelled]
+        if cancelled or completed:
+            self._worker_queue = [
+                row
+                for row in self._worker_queue
+                if row.ref not in cancelled and row.lock_token not in completed
+            ]
         # Only the messages tagged by this fetch: later arrivals are untagged and survive.
         self._orchestrator_queue = [m for m in self._orchestrator_queue if m.lock_token != ack.lock_token]
-        del self._instance_locks[ack.instance_id]
+        # Keep the lock (same token) only while nothing of the instance is waiting: a message that
+        # is visible now and untagged (it arrived during the turn, or this ack sent it) must not
+        # wait behind a held lock, so the lock is then released as usual. A future message (a
+        # timer) does not count: it is not fetchable yet.
+        waiting = any(
+            m.instance_id == ack.instance_id and m.visible_at_ms <= now_ms for m in self._orchestrator_queue
+        )
+        if ack.keep_lock is not None and not waiting:
+            lock.locked_until = now + ack.keep_lock
+        else:
+            del self._instance_locks[ack.instance_id]
 
         # Only what a client waiting on the instance can see wakes it: a history-only turn does not.
         if instance is not None and (created or ack.status is not None or ack.custom_status_changed):
@@ -250,8 +274,10 @@ class InMemoryProvider(Provider):
             self._instance_changed.fire()
         if len(work_rows) > len(direct):
             self._work_arrived["worker"].fire()
+        # New messages, ones that arrived during the lock, or a lock whose end moved (released or
+        # kept) while a timer of the instance waits: a waiter may have timed its wait on that lock.
         if messages or any(m.instance_id == ack.instance_id for m in self._orchestrator_queue):
-            self._work_arrived["orchestrator"].fire()  # new messages, or ones that arrived during the lock
+            self._work_arrived["orchestrator"].fire()
         return leases if ack.lease_worker_items > 0 else None
 
     async def abandon_orchestration_item(
