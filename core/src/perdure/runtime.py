@@ -513,7 +513,8 @@ class Runtime:
                     _log.warning(
                         "turn of %r was not committed (%s); it will run again", ack.instance_id, result
                     )
-                if result.retryable:
+                if result.retryable or ack.keep_lock is not None:
+                    # Also a lock the ack may have kept after all (a commit whose reply was lost).
                     await self._abandon_turn(ack.lock_token)
             if not retry:
                 return failed
