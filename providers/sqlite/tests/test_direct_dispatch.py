@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -24,9 +25,17 @@ from sqlite_support import (
 )
 
 from perdure.history import ActivityExecute, ActivityRef
-from perdure.provider import OrchestrationItem, ProviderError, Queue, WorkItemAck, WorkItemLease
+from perdure.provider import (
+    OrchestrationAck,
+    OrchestrationItem,
+    ProviderError,
+    Queue,
+    WorkItemAck,
+    WorkItemLease,
+)
 from perdure_sqlite import SqliteProvider
 from perdure_sqlite._store import instance_of_token, row_of_token
+from perdure_sqlite._thread import DURABLE
 
 FAST = 0.25  # a wake-up must arrive well within this
 
@@ -362,3 +371,242 @@ async def test_status_changes_wake_a_waiting_client(db: SqliteProvider, executio
         ack = ack_for(item, execution_id=2, history=[started()], status="running", output='"next"')
     assert await db.ack_orchestration_items([ack]) == [None]
     await asyncio.wait_for(waiter, FAST)
+
+
+# -- instance locks kept by an orchestration ack, and work items consumed by the next one --------
+
+
+async def _hold(db: SqliteProvider, instance_id: str, keep: float = LOCK) -> tuple[OrchestrationItem, str]:
+    """Start ``instance_id`` with a turn that leases activity 2 and keeps the lock; (item, lease)."""
+    await db.enqueue_orchestrator_messages([start(instance_id)])
+    item = await fetch_one(db)
+    ack = ack_for(
+        item,
+        history=[started(), scheduled(2)],
+        worker_items=[activity(instance_id, 2)],
+        lease_worker_items=1,
+        keep_lock=keep,
+    )
+    [leases] = await db.ack_orchestration_items([ack])
+    assert isinstance(leases, list), leases
+    return item, leases[0].lock_token
+
+
+async def _locks(db: SqliteProvider) -> list[tuple[object, ...]]:
+    return await db._execute("SELECT instance_id, lock_token FROM instance_locks ORDER BY instance_id")
+
+
+async def test_a_kept_lock_holds_the_instance_and_the_next_ack_consumes_the_lease(db: SqliteProvider) -> None:
+    item, lease = await _hold(db, "a")
+    assert await _locks(db) == [("a", item.lock_token)]
+    assert await db._execute("SELECT count(*) FROM orchestrator_queue") == [(0,)]  # tagged ones gone
+    assert await db.fetch_orchestration_items(5, LOCK) == []
+    await db.renew_orchestration_lock(item.lock_token, LOCK)
+    final = ack_for(
+        item, history=[completed(3)], status="completed", output='"r"', completed_work_items=[lease]
+    )
+    assert await db.ack_orchestration_items([final]) == [None]
+    assert await _locks(db) == []
+    assert await db._execute("SELECT count(*) FROM worker_queue") == [(0,)]
+    info = await db.get_instance("a")
+    assert info is not None
+    assert (info.status, info.last_event_id) == ("completed", 3)
+    # The lock is gone, and so is the lease: the same ack again fails.
+    [again] = await db.ack_orchestration_items([final])
+    assert isinstance(again, ProviderError)
+    assert not again.retryable
+
+
+async def test_a_kept_lock_survives_reopening_the_file_until_it_lapses(tmp_path: Path) -> None:
+    path = tmp_path / "perdure.db"
+    async with SqliteProvider(path) as db:
+        item, lease = await _hold(db, "a", keep=0.4)
+        await db.enqueue_orchestrator_messages([raise_event("a")])  # arrives during the kept lock
+    async with SqliteProvider(path) as db:
+        assert await db.fetch_orchestration_items(5, LOCK) == []
+        await asyncio.sleep(0.5)
+        # Lapsed: a fetch takes the instance over (the untagged event, the start long deleted)...
+        taken = await fetch_one(db)
+        assert taken.messages == [raise_event("a")]
+        assert taken.lock_token != item.lock_token
+        # ... and the old holder's ack, lease and all, fails without consuming the lease.
+        [error] = await db.ack_orchestration_items([ack_for(item, completed_work_items=[lease])])
+        assert isinstance(error, ProviderError)
+        assert not error.retryable
+        assert await _worker_rows(db) == [(2, 1, 1)]
+
+
+async def test_a_kept_lock_is_usable_after_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "perdure.db"
+    async with SqliteProvider(path) as db:
+        item, lease = await _hold(db, "a")
+    async with SqliteProvider(path) as db:
+        ack = ack_for(item, history=[completed(3)], status="completed", completed_work_items=[lease])
+        assert await db.ack_orchestration_items([ack]) == [None]
+        assert await _locks(db) == []
+
+
+async def test_a_message_that_arrived_during_the_lock_releases_it(db: SqliteProvider) -> None:
+    item, lease = await _hold(db, "a")
+    await db.enqueue_orchestrator_messages([raise_event("a")])
+    assert await db.fetch_orchestration_items(5, LOCK) == []  # the dispatcher finds it locked
+    await _drain(db)
+    ack = ack_for(
+        item,
+        history=[scheduled(3)],
+        worker_items=[activity("a", 3)],
+        lease_worker_items=1,
+        keep_lock=LOCK,
+        completed_work_items=[lease],
+    )
+    [leases] = await db.ack_orchestration_items([ack])
+    assert isinstance(leases, list)
+    assert len(leases) == 1  # the rest of the ack is applied as usual
+    assert await _locks(db) == []
+    assert await _woken(db, "orchestrator")
+    assert (await fetch_one(db)).messages == [raise_event("a")]
+    [error] = await db.ack_orchestration_items([ack_for(item)])  # the caller's token is void
+    assert isinstance(error, ProviderError)
+
+
+async def test_an_ack_messaging_its_own_instance_does_not_keep_the_lock(db: SqliteProvider) -> None:
+    await db.enqueue_orchestrator_messages([start("a")])
+    item = await fetch_one(db)
+    ack = ack_for(item, history=[started()], orchestrator_items=[raise_event("a")], keep_lock=LOCK)
+    assert await db.ack_orchestration_items([ack]) == [None]
+    assert await _locks(db) == []
+    assert (await fetch_one(db)).messages == [raise_event("a")]
+
+
+async def test_future_and_other_instances_messages_do_not_release_a_kept_lock(db: SqliteProvider) -> None:
+    await create_instance(db, "b")
+    await db.enqueue_orchestrator_messages([start("a"), timer("a", now_ms() + 60_000)])
+    item = await fetch_one(db)
+    ack = ack_for(
+        item,
+        history=[started()],
+        orchestrator_items=[raise_event("b"), timer("a", now_ms() + 60_000, source_id=3)],
+        keep_lock=LOCK,
+    )
+    assert await db.ack_orchestration_items([ack]) == [None]
+    assert await _locks(db) == [("a", item.lock_token)]
+    assert (await fetch_one(db)).instance_id == "b"
+
+
+async def test_a_released_lock_wakes_a_waiting_dispatcher_promptly(db: SqliteProvider) -> None:
+    item, lease = await _hold(db, "a")
+    await db.enqueue_orchestrator_messages([raise_event("a")])
+    assert await db.fetch_orchestration_items(5, LOCK) == []
+    await _drain(db)
+    waiter = asyncio.ensure_future(db.wait_for_work("orchestrator", 10))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    began = time.perf_counter()
+    ack = ack_for(item, history=[scheduled(3)], keep_lock=LOCK, completed_work_items=[lease])
+    assert await db.ack_orchestration_items([ack]) == [None]
+    await asyncio.wait_for(waiter, FAST)
+    assert time.perf_counter() - began < FAST
+
+
+async def test_a_plain_release_wakes_for_messages_that_arrived_during_the_lock(db: SqliteProvider) -> None:
+    await create_instance(db, "a")
+    await db.enqueue_orchestrator_messages([raise_event("a")])
+    item = await fetch_one(db)
+    await db.enqueue_orchestrator_messages([raise_event("a", name="late")])
+    assert await db.fetch_orchestration_items(5, LOCK) == []
+    await _drain(db)
+    waiter = asyncio.ensure_future(db.wait_for_work("orchestrator", 10))
+    await asyncio.sleep(0.05)
+    assert await db.ack_orchestration_items([ack_for(item)]) == [None]
+    await asyncio.wait_for(waiter, FAST)
+    assert (await fetch_one(db)).messages == [raise_event("a", name="late")]
+
+
+async def test_releases_and_kept_locks_with_nothing_waiting_wake_no_one(db: SqliteProvider) -> None:
+    await create_instance(db, "a")
+    await db.enqueue_orchestrator_messages([raise_event("a"), timer("a", now_ms() + 60_000)])
+    item = await fetch_one(db)
+    await _drain(db)
+    assert await db.ack_orchestration_items([ack_for(item, keep_lock=LOCK)]) == [None]
+    assert not await _woken(db, "orchestrator")
+    assert await db.ack_orchestration_items([ack_for(item)]) == [None]
+    assert not await _woken(db, "orchestrator")
+
+
+async def test_completed_work_items_must_all_be_held(db: SqliteProvider) -> None:
+    item, lease = await _hold(db, "a")
+    [other] = await _schedule(db, "b", [activity("b", 2)], lease=1, timeout=0.05)
+    await asyncio.sleep(0.1)  # "b"'s lease lapses
+    cases: list[list[str]] = [
+        [lease, other.lock_token],  # lapsed
+        [lease, "garbage"],  # not a lease token
+        [lease, f"{lease}0"],  # a row that does not exist
+        [lease.replace(".", "x", 1)],  # the right row, another token
+    ]
+    for tokens in cases:
+        ack = ack_for(
+            item,
+            history=[scheduled(3)],
+            worker_items=[activity("a", 3)],
+            lease_worker_items=1,
+            completed_work_items=tokens,
+        )
+        [error] = await db.ack_orchestration_items([ack])
+        assert isinstance(error, ProviderError), tokens
+        assert not error.retryable
+        assert "is not held" in error.message
+    # Nothing of those acks was applied: the lock is still kept, the lease still held.
+    assert await _locks(db) == [("a", item.lock_token)]
+    assert await _worker_rows(db) == [(2, 1, 1), (2, 1, 1)]
+    assert [event.event_id for event in await db.read_history("a")] == [1, 2]
+    ack = ack_for(item, history=[completed(3)], status="completed", completed_work_items=[lease, lease])
+    assert await db.ack_orchestration_items([ack]) == [None]
+    assert await _worker_rows(db) == [(2, 1, 1)]  # "b"'s lapsed item is left alone
+
+
+async def test_a_work_item_acked_by_its_worker_cannot_be_consumed_by_a_turn(db: SqliteProvider) -> None:
+    item, lease = await _hold(db, "a")
+    assert await db.ack_work_items([WorkItemAck(lease, result("a", 2))]) == [None]
+    [error] = await db.ack_orchestration_items([ack_for(item, completed_work_items=[lease])])
+    assert isinstance(error, ProviderError)
+    assert await _locks(db) == [("a", item.lock_token)]
+
+
+async def _statements(db: SqliteProvider, ack: OrchestrationAck) -> int:
+    """How many SQL statements the ack ran (transaction control and savepoints included)."""
+    traced: list[str] = []
+
+    def trace(connection: sqlite3.Connection, effects: object, on: bool) -> None:
+        connection.set_trace_callback(traced.append if on else None)
+
+    await db._call("trace", DURABLE, trace, True)
+    traced.clear()
+    try:
+        [outcome] = await db.ack_orchestration_items([ack])
+    finally:
+        await db._call("trace", DURABLE, trace, False)
+    assert not isinstance(outcome, ProviderError), outcome
+    return len(traced)
+
+
+async def test_keeping_and_consuming_cost_no_extra_statement(db: SqliteProvider) -> None:
+    """A chain step that keeps the lock and consumes a lease runs the statements of a plain step
+    plus one (the lease's delete); the plain step pays nothing for the new fields."""
+    held, lease = await _hold(db, "a")
+    await _schedule(db, "b", [activity("b", 2)], lease=1)
+    await db.enqueue_orchestrator_messages([raise_event("b")])
+    fetched = await fetch_one(db)
+
+    def step(item: OrchestrationItem, **fields: object) -> OrchestrationAck:
+        instance_id = item.instance_id
+        return ack_for(
+            item,
+            history=[scheduled(3)],
+            worker_items=[activity(instance_id, 3)],
+            lease_worker_items=1,
+            **fields,
+        )
+
+    plain = await _statements(db, step(fetched))
+    kept = await _statements(db, step(held, keep_lock=LOCK, completed_work_items=[lease]))
+    assert kept == plain + 1

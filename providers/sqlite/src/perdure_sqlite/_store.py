@@ -8,7 +8,7 @@ constants) that the provider applies after the commit.
 Lock tokens carry what is needed to find their row without an extra index: an instance lock
 token is ``"o<unique>:<instance_id>"`` and a work-item lease token is ``"w<unique>.<row id>"``.
 Direct dispatch takes the same locks and leases inside an ack, with the same tokens, so nothing
-downstream can tell them from fetched ones.
+downstream can tell them from fetched ones; a kept instance lock is the fetched one, extended.
 """
 
 from __future__ import annotations
@@ -127,6 +127,24 @@ def row_of_token(operation: str, lock_token: str) -> int:
 
 
 _RELEASE_LOCK = "DELETE FROM instance_locks WHERE instance_id = ? AND lock_token = ? AND locked_until_ms > ?"
+#: Whether the instance has a visible message not tagged by the lock ?2 (one that arrived during
+#: the lock, or whose earlier lock lapsed): evaluated while the tagged ones still exist.
+_UNTAGGED_VISIBLE = """EXISTS (
+    SELECT 1 FROM orchestrator_queue AS q INDEXED BY orchestrator_queue_instance
+    WHERE q.instance_id = ?1 AND q.visible_at_ms <= ?3 AND q.lock_token IS NOT ?2)"""
+#: An ack's release and keep validate the lock and report, in the same statement, whether
+#: untagged work waits behind it (no row: the lock is not held).
+_ACK_RELEASE_LOCK = f"""
+DELETE FROM instance_locks WHERE instance_id = ?1 AND lock_token = ?2 AND locked_until_ms > ?3
+RETURNING {_UNTAGGED_VISIBLE}
+"""
+_ACK_KEEP_LOCK = f"""
+UPDATE instance_locks SET locked_until_ms = ?4
+WHERE instance_id = ?1 AND lock_token = ?2 AND locked_until_ms > ?3
+RETURNING {_UNTAGGED_VISIBLE}
+"""
+#: Release a lock the ack has just validated (and meant to keep).
+_DROP_LOCK = "DELETE FROM instance_locks WHERE instance_id = ?"
 _DELETE_TAGGED = "DELETE FROM orchestrator_queue WHERE instance_id = ? AND lock_token = ?"
 _SELECT_FOR_ACK = "SELECT name, version, execution_id, last_event_id FROM instances WHERE instance_id = ?"
 _INSERT_INSTANCE = f"INSERT INTO instances ({INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -178,11 +196,13 @@ class AckArgs:
 
     __slots__ = (
         "cancelled",
+        "completed_work",
         "custom_status",
         "custom_status_changed",
         "execution_id",
         "history",
         "instance_id",
+        "keep_ms",
         "lease_ms",
         "lease_prefix",
         "leased_rows",
@@ -193,6 +213,7 @@ class AckArgs:
         "orchestrator_wake",
         "output",
         "parent_instance_id",
+        "self_visible_at_ms",
         "status",
         "version",
         "worker_rows",
@@ -222,22 +243,51 @@ class AckArgs:
     worker_rows: list[Row]
     orchestrator_rows: list[Row]
     orchestrator_wake: tuple[bool, int | None]
+    #: The earliest ``visible_at_ms`` among ``orchestrator_rows`` for the acked instance itself.
+    self_visible_at_ms: int | None
     cancelled: list[Row]
+    #: Direct dispatch: keep the lock this many ms after the commit (``None``: release it).
+    keep_ms: int | None
+    #: Direct dispatch: ``(row id, lease token)`` of the work items the turn consumed in memory.
+    completed_work: list[tuple[int, str]]
 
 
 def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: AckArgs) -> list[str] | None:
     """Commit one turn (see ``Provider.ack_orchestration_items``); the lock is checked first.
 
-    Inside the write transaction nothing can interleave, so validating and releasing the lock
-    up front is the same as doing it at commit time. Returns the lease tokens of the items leased
-    at insertion (direct dispatch), or None when none were asked for.
+    Inside the write transaction nothing can interleave, so validating and releasing (or keeping)
+    the lock up front is the same as doing it at commit time. Returns the lease tokens of the
+    items leased at insertion (direct dispatch), or None when none were asked for. Any error
+    raised here rolls back the unit's savepoint: a failing ack changes nothing.
     """
     execute = connection.execute
     now = now_ms()
     instance_id = ack.instance_id
-    if execute(_RELEASE_LOCK, (instance_id, ack.lock_token, now)).rowcount != 1:
-        raise ProviderError.lock_lost("ack_orchestration_items", ack.lock_token)
-    execute(_DELETE_TAGGED, (instance_id, ack.lock_token))
+    lock_token = ack.lock_token
+    keep_ms = ack.keep_ms
+    if keep_ms is None:
+        held = execute(_ACK_RELEASE_LOCK, (instance_id, lock_token, now)).fetchall()
+        if not held:
+            raise ProviderError.lock_lost("ack_orchestration_items", lock_token)
+        waiting = bool(held[0][0])
+    else:
+        held = execute(_ACK_KEEP_LOCK, (instance_id, lock_token, now, now + keep_ms)).fetchall()
+        if not held:
+            raise ProviderError.lock_lost("ack_orchestration_items", lock_token)
+        own = ack.self_visible_at_ms
+        waiting = bool(held[0][0]) or (own is not None and own <= now)
+        if waiting:  # visible work must not wait behind a held lock: release it after all
+            execute(_DROP_LOCK, (instance_id,))
+    if waiting and effects is not None:
+        # Those messages arrived while the instance was locked: fetchers told of them found it
+        # locked and went back to waiting, so the release must wake them (or they wait a poll).
+        effects.append((FX_ORCH, True, None))
+    for row_id, lease_token in ack.completed_work:
+        # The turn used these results in memory: their leases must still be held, like an
+        # activity's own ack requires.
+        if execute(_COMPLETE_WORK, (row_id, lease_token, now)).rowcount != 1:
+            raise ProviderError.lock_lost("ack_orchestration_items", lease_token)
+    execute(_DELETE_TAGGED, (instance_id, lock_token))
     status = ack.status
     # Only an ack that records history creates the instance; one without history may still
     # update an existing instance (its custom status, say).

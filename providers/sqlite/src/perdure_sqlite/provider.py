@@ -8,7 +8,14 @@ failing ack never affects the others.
 
 Direct dispatch is supported: a turn's ack can insert the activities it schedules already leased
 to its caller, and an activity's ack can lock the instance its result is for. Both take the very
-locks and leases a fetch takes (same SQL, same tokens), inside the ack's own savepoint.
+locks and leases a fetch takes (same SQL, same tokens), inside the ack's own savepoint. A turn's
+ack can also keep its instance locked (``keep_lock``) and delete the work items whose results it
+applied in memory (``completed_work_items``), so a chain of short activities run by one runtime
+commits one transaction per step.
+
+An ack that releases an instance (or would keep it) while messages that arrived during its lock
+are visible wakes the orchestrator waiters: those told of the messages found the instance locked
+and went back to sleep, and would otherwise wait a whole poll interval.
 """
 
 from __future__ import annotations
@@ -93,12 +100,12 @@ class SqliteProvider(Provider):
     :param path: the database file (created if missing), or ``":memory:"`` for a private
         in-memory database that lives as long as the provider (nothing is durable).
     :param durability: ``"full"`` (default) sets ``synchronous=FULL``: the WAL is fsynced at
-        every commit that carries an enqueue or a turn's ack (leases it takes included), so an
-        acknowledged enqueue or turn survives power loss. Commits of only fetches, renewals,
-        abandons and activity acks (with the instance lock one may take) skip the fsync: losing
-        them to a power cut only means a lease or lock is taken again or an activity runs again
-        (activities are at-least-once), and the next durable commit's fsync covers them, so no
-        turn survives while a result it consumed is lost.
+        every commit that carries an enqueue or a turn's ack (leases it takes, a lock it keeps and
+        work items it consumes included), so an acknowledged enqueue or turn survives power loss.
+        Commits of only fetches, renewals, abandons and activity acks (with the instance lock one
+        may take) skip the fsync: losing them to a power cut only means a lease or lock is taken
+        again or an activity runs again (activities are at-least-once), and the next durable
+        commit's fsync covers them, so no turn survives while a result it consumed is lost.
         ``"fast"`` sets ``synchronous=NORMAL``: commits survive a crash of the process, but the
         last transactions may be lost on power loss or an OS crash (the database stays
         consistent); commits are several times cheaper.
@@ -322,6 +329,18 @@ class SqliteProvider(Provider):
                     ActivityRef(i.instance_id, i.execution_id, i.activity_id) in cancelled for i in leased
                 ):
                     raise ValueError("an activity leased by the ack is also cancelled by it")
+        completed_work: list[tuple[int, str]] = []
+        if ack.completed_work_items:
+            # A malformed token is a lease that is not held: the ack fails before touching anything.
+            completed_work = [
+                (_store.row_of_token("ack_orchestration_items", token), token)
+                for token in dict.fromkeys(ack.completed_work_items)
+            ]
+        self_visible_at_ms: int | None = None
+        if ack.keep_lock is not None and orchestrator_rows:
+            self_visible_at_ms = min(
+                (row[2] for row in orchestrator_rows if row[0] == instance_id), default=None
+            )
         return _store.AckArgs(
             instance_id=instance_id,
             lock_token=ack.lock_token,
@@ -350,9 +369,12 @@ class SqliteProvider(Provider):
             ],
             orchestrator_rows=orchestrator_rows,
             orchestrator_wake=orchestrator_wake,
+            self_visible_at_ms=self_visible_at_ms,
             cancelled=[
                 (ref.instance_id, ref.execution_id, ref.activity_id) for ref in ack.cancelled_activities
             ],
+            keep_ms=None if ack.keep_lock is None else _ms(ack.keep_lock),
+            completed_work=completed_work,
         )
 
     async def _call_each(
@@ -392,6 +414,9 @@ class SqliteProvider(Provider):
         """Commit each turn atomically, all in one transaction; one failing ack never affects another.
 
         An ack with ``lease_worker_items`` gets the leases of the items inserted already leased.
+        One with ``keep_lock`` keeps its lock unless a visible message of the instance is waiting
+        (then it is released, and the waiters woken); one with ``completed_work_items`` deletes
+        those leased items and fails, changing nothing, if any of the leases is not held.
         """
         now = _store.now_ms()
         prepared: list[Unit | ProviderError] = []
