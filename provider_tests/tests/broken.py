@@ -24,7 +24,14 @@ from perdure.provider import (
     WorkItemLease,
 )
 from perdure.testing import InMemoryProvider as InMemoryProvider  # re-exported for the pytester conftest
-from perdure.testing.memory import _Execution, _Instance, _InstanceLock, _QueuedMessage, _WorkRow
+from perdure.testing.memory import (
+    _Broadcast,
+    _Execution,
+    _Instance,
+    _InstanceLock,
+    _QueuedMessage,
+    _WorkRow,
+)
 
 
 class DeletesUntaggedMessages(InMemoryProvider):
@@ -254,6 +261,91 @@ class DirectLockOnLostLease(InMemoryProvider):
         return result
 
 
+class ReleasesKeptLocks(InMemoryProvider):
+    """It declares direct dispatch but ignores ``keep_lock``: every ack releases the instance."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        return super()._ack_orchestration(dataclasses.replace(ack, keep_lock=None))
+
+
+class KeepsLockDespiteWaitingMessages(InMemoryProvider):
+    """Its ack keeps the lock whenever asked, even with a message of the instance visible and waiting."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        result = super()._ack_orchestration(ack)
+        if ack.keep_lock is not None and not isinstance(result, ProviderError):
+            lock = _InstanceLock(ack.lock_token, time.time() + ack.keep_lock)
+            self._instance_locks[ack.instance_id] = lock
+        return result
+
+
+class ReleasesForFutureMessages(InMemoryProvider):
+    """Its ack releases a lock to keep if the instance has any message at all, due or not (a timer)."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        result = super()._ack_orchestration(ack)
+        kept = not isinstance(result, ProviderError) and ack.keep_lock is not None
+        if kept and any(m.instance_id == ack.instance_id for m in self._orchestrator_queue):
+            self._instance_locks.pop(ack.instance_id, None)
+        return result
+
+
+class KeptLockKeepsTheFetchLease(InMemoryProvider):
+    """Its ack keeps the lock by not deleting it: the lock lasts the fetch's lease, not ``keep_lock``."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        lock = self._instance_locks.get(ack.instance_id)
+        until = lock.locked_until if lock is not None and lock.token == ack.lock_token else None
+        result = super()._ack_orchestration(ack)
+        kept = self._instance_locks.get(ack.instance_id)
+        if until is not None and kept is not None and kept.token == ack.lock_token:
+            kept.locked_until = until
+        return result
+
+
+class ReleasedKeptLockWakesNoOne(InMemoryProvider):
+    """An ack with ``keep_lock`` that releases anyway (a message waits) does not wake orchestrator waiters."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        if ack.keep_lock is None:
+            return super()._ack_orchestration(ack)
+        waiters = self._work_arrived["orchestrator"]
+        self._work_arrived["orchestrator"] = _Broadcast()  # fired for no one
+        try:
+            return super()._ack_orchestration(ack)
+        finally:
+            self._work_arrived["orchestrator"] = waiters
+
+
+class IgnoresCompletedWorkItems(InMemoryProvider):
+    """It declares direct dispatch but ignores ``completed_work_items``: the items stay, leased."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        return super()._ack_orchestration(dataclasses.replace(ack, completed_work_items=()))
+
+
+class CompletesWorkItemsUnchecked(InMemoryProvider):
+    """Its ack deletes ``completed_work_items`` by token without checking that their leases are held."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        result = super()._ack_orchestration(dataclasses.replace(ack, completed_work_items=()))
+        if not isinstance(result, ProviderError):
+            done = set(ack.completed_work_items)
+            self._worker_queue = [row for row in self._worker_queue if row.lock_token not in done]
+        return result
+
+
+class CompletesWorkItemsBeforeValidating(InMemoryProvider):
+    """Its ack deletes ``completed_work_items`` before validating the rest: a failed ack loses them."""
+
+    def _ack_orchestration(self, ack: OrchestrationAck) -> OrchestrationAckResult:
+        now = time.time()
+        held = [token for token in ack.completed_work_items if self._leased_row(token, now) is not None]
+        done = set(held)
+        self._worker_queue = [row for row in self._worker_queue if row.lock_token not in done]
+        return super()._ack_orchestration(dataclasses.replace(ack, completed_work_items=()))
+
+
 class NoWakeupsDeclared(InMemoryProvider):
     """A correct provider without declared wake-ups: the wake-up tests must skip, naming it."""
 
@@ -341,4 +433,29 @@ CATCHES: dict[type[InMemoryProvider], list[str]] = {
         "test_lapsed_lock_does_not_stop_a_direct_lock",
     ],
     DirectLockOnLostLease: ["test_lost_lease_with_lock_instance_locks_nothing"],
+    ReleasesKeptLocks: [
+        "test_kept_lock_holds_the_instance_for_the_next_turns",
+        "test_kept_lock_renews_and_abandons",
+        "test_kept_lock_lapses_after_keep_lock_seconds",
+        "test_future_and_foreign_messages_do_not_release_a_kept_lock",
+    ],
+    KeepsLockDespiteWaitingMessages: [
+        "test_message_waiting_at_commit_releases_a_kept_lock",
+        "test_message_arriving_during_a_kept_lock_releases_it_at_the_next_ack",
+        "test_own_orchestrator_items_release_a_kept_lock",
+        "test_kept_lock_released_for_waiting_messages_wakes_waiters",
+    ],
+    ReleasesForFutureMessages: ["test_future_and_foreign_messages_do_not_release_a_kept_lock"],
+    KeptLockKeepsTheFetchLease: ["test_kept_lock_lapses_after_keep_lock_seconds"],
+    ReleasedKeptLockWakesNoOne: ["test_kept_lock_released_for_waiting_messages_wakes_waiters"],
+    IgnoresCompletedWorkItems: [
+        "test_completed_work_items_are_deleted_by_the_ack",
+        "test_fetched_and_direct_leases_complete_alike",
+        "test_lost_completed_lease_fails_alone_in_a_batch",
+    ],
+    CompletesWorkItemsUnchecked: [
+        "test_lost_completed_lease_fails_the_whole_ack",
+        "test_lost_completed_lease_fails_alone_in_a_batch",
+    ],
+    CompletesWorkItemsBeforeValidating: ["test_failed_ack_deletes_no_completed_work_items"],
 }

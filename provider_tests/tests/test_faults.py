@@ -206,3 +206,68 @@ async def test_ack_then_fail_loses_a_direct_lock_until_it_lapses(faulty: FaultyP
     await asyncio.sleep(0.15)
     again = await fetch_one(faulty, "i")
     assert (again.messages, again.attempt_count) == ([completion], 2)
+
+
+async def test_ack_then_fail_with_keep_lock_leaves_the_lock_held(faulty: FaultyProvider) -> None:
+    """A lost reply of an ack that kept its lock leaves the instance held by a token its caller thinks
+    failed: a retry fails on the stored history (not the lock), and the lock lapses or is abandoned."""
+    await start_instance(faulty, "i")
+    await enqueue(faulty, event_message("i"))
+    item = await fetch_one(faulty, "i")
+    work = activity("i", 2)
+    ack = ack_for(
+        item,
+        history=[scheduled(2)],
+        worker_items=[work],
+        lease_worker_items=1,
+        worker_lease_timeout=0.1,
+        keep_lock=0.1,
+    )
+    faulty.ack_then_fail("orchestrator")
+    with pytest.raises(ProviderError):
+        await faulty.ack_orchestration_items([ack])
+    [retry] = await faulty.ack_orchestration_items([ack])
+    assert isinstance(retry, ProviderError) and not retry.retryable
+    assert "duplicate event id" in retry.message  # the token still holds: the history refuses it
+    late = event_message("i", '"late"')
+    await enqueue(faulty, late)
+    assert await faulty.fetch_orchestration_items(10, 60) == []  # kept for a caller that never knew
+    await asyncio.sleep(0.15)
+    again = await fetch_one(faulty, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+    lease = await fetch_one_work(faulty)
+    assert (lease.item, lease.attempt_count) == (work, 2)
+
+
+async def test_abandon_frees_a_lock_kept_by_a_lost_reply(faulty: FaultyProvider) -> None:
+    """A caller that abandons the token of an ack it believes failed frees a lock the commit kept."""
+    await start_instance(faulty, "i")
+    await enqueue(faulty, event_message("i"))
+    item = await fetch_one(faulty, "i")
+    faulty.ack_then_fail("orchestrator")
+    with pytest.raises(ProviderError):
+        await faulty.ack_orchestration_items([ack_for(item, history=[raised(2)], keep_lock=60)])
+    await faulty.abandon_orchestration_item(item.lock_token)
+    await enqueue(faulty, event_message("i", '"late"'))
+    assert (await fetch_one(faulty, "i")).messages == [event_message("i", '"late"')]
+
+
+async def test_ack_then_fail_with_completed_work_items_deletes_them(faulty: FaultyProvider) -> None:
+    """A lost reply of an ack with completed work items still deleted them: their leases' acks then fail."""
+    await start_instance(faulty, "i")
+    await enqueue(faulty, event_message("i"))
+    item = await fetch_one(faulty, "i")
+    held = ack_for(
+        item, history=[scheduled(2)], worker_items=[activity("i", 2)], lease_worker_items=1, keep_lock=60
+    )
+    [leases] = await faulty.ack_orchestration_items([held])
+    assert isinstance(leases, list)
+    faulty.ack_then_fail("orchestrator")
+    with pytest.raises(ProviderError):
+        await faulty.ack_orchestration_items(
+            [ack_for(item, history=[raised(3)], completed_work_items=[leases[0].lock_token])]
+        )
+    assert [e.event_id for e in await faulty.read_history("i")] == [1, 2, 3]
+    [result] = await faulty.ack_work_items([WorkItemAck(leases[0].lock_token, result_message("i", 2))])
+    assert isinstance(result, ProviderError) and not result.retryable  # as for a cancelled activity
+    assert await faulty.fetch_orchestration_items(10, 60) == []

@@ -21,6 +21,17 @@ asked for a direct hand-over hides the result like any other: the leases and the
 granted reach no caller and simply lapse, after which the work is fetched again at a higher
 attempt count, exactly as after a real reply lost to a dropped connection. Nothing is released
 on the caller's behalf, because a lost reply cannot release anything either.
+
+The same holds for the rest of direct dispatch. A fail-after of an ack with ``keep_lock`` leaves
+the instance locked (unless the commit released it because messages were waiting) by a token
+whose caller believes the ack failed. That token still holds, so a retry of the same ack is not
+refused as a lost lock: it fails permanently on what the commit already applied (its history is
+stored, its ``completed_work_items`` are gone). The caller should abandon the token after any
+failed ``keep_lock`` ack, as perdure's runtime does; otherwise the lock lapses after ``keep_lock``
+seconds and the messages that arrived meanwhile (never tagged) are fetched at attempt 1. A
+fail-after of an ack with ``completed_work_items`` has deleted those items: acking their leases
+afterwards fails permanently, as for a cancelled activity, and that is right, because the
+committed turn already applied their results.
 """
 
 from __future__ import annotations
@@ -157,8 +168,9 @@ class FaultyProvider(Provider):
     def ack_then_fail(self, queue: Queue | None = None, *, times: int = 1) -> None:
         """Let the next ack call(s) of ``queue`` commit, then raise as if the connection dropped.
 
-        Direct hand-overs the acks granted (leases, a locked instance) are lost with the reply and
-        lapse on their own.
+        Direct hand-overs the acks granted (leases, a locked instance, a lock kept with
+        ``keep_lock``) are lost with the reply and lapse on their own; ``completed_work_items`` are
+        deleted all the same (see the module docstring).
         """
         self.fail_after_next(_per_queue(_ACK, queue), times=times)
 

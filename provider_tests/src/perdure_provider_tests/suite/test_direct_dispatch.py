@@ -3,7 +3,10 @@
 An orchestration ack with ``lease_worker_items`` leases the activities it schedules to its
 caller; a work-item ack with ``lock_instance`` locks the instance its completion is for. Each
 hand-over must be indistinguishable from the fetch it replaces, and must never take work that
-someone else holds. Every test here needs the ``direct_dispatch`` capability.
+someone else holds. An orchestration ack with ``keep_lock`` keeps its instance locked for the
+caller's next turn unless a message of the instance already waits, and one with
+``completed_work_items`` deletes the work items whose results the turn applied, all or nothing.
+Every test here needs the ``direct_dispatch`` capability.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from perdure_provider_tests.helpers import (
     fetch_work,
     now_ms,
     raised,
+    raises_permanent,
     ref,
     requires_capability,
     result_message,
@@ -399,3 +403,297 @@ async def test_status_change_through_a_direct_lock_wakes_waiters(
         pytest.fail(
             f"a status change did not wake wait_for_instance_change in {provider_factory.wakeup_latency}s"
         )
+
+
+# -- locks kept for the next turn, and work items completed in memory ---------------------------
+
+
+async def _held_turn(
+    provider: Provider, instance_id: str, *, keep: float = LEASE, lease_timeout: float = LEASE
+) -> tuple[OrchestrationItem, WorkItemLease]:
+    """Run a turn that schedules one activity, leases it directly and keeps the lock: the runtime's hold.
+
+    Fail the test unless the ack returned the one lease; return the fetched item (its token is the
+    kept lock's) and that lease.
+    """
+    info = await provider.get_instance(instance_id) or await start_instance(provider, instance_id)
+    work = activity(instance_id, info.last_event_id + 1, execution_id=info.execution_id)
+    await enqueue(provider, event_message(instance_id))
+    item = await fetch_one(provider, instance_id)
+    ack = ack_for(
+        item,
+        history=[scheduled(work.activity_id)],
+        worker_items=[work],
+        lease_worker_items=1,
+        worker_lease_timeout=lease_timeout,
+        keep_lock=keep,
+    )
+    [result] = await provider.ack_orchestration_items([ack])
+    assert isinstance(result, list), f"an ack with keep_lock and lease_worker_items=1 returned {result!r}"
+    assert [lease.item for lease in result] == [work]
+    return item, result[0]
+
+
+async def _event_ids(provider: Provider, instance_id: str) -> list[int]:
+    return [event.event_id for event in await provider.read_history(instance_id)]
+
+
+@direct_dispatch
+async def test_kept_lock_holds_the_instance_for_the_next_turns(provider: Provider) -> None:
+    """An ack with ``keep_lock`` keeps the lock: no fetch takes the instance, the same token acks again."""
+    item, _ = await _held_turn(provider, "i")
+    assert await _event_ids(provider, "i") == [1, 2]
+    await assert_no_orchestration_work(provider)
+    await ack_ok(provider, ack_for(item, history=[raised(3)], keep_lock=LEASE))  # kept again
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    await assert_no_orchestration_work(provider)
+    await ack_ok(provider, ack_for(item, history=[raised(4)]))
+    assert await _event_ids(provider, "i") == [1, 2, 3, 4]
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+    await ack_fails(provider, ack_for(item, history=[raised(5)]))
+
+
+@direct_dispatch
+async def test_kept_lock_renews_and_abandons(provider: Provider) -> None:
+    """A kept lock's token renews and abandons like a fetched one's; once abandoned, a fetch takes it."""
+    item, _ = await _held_turn(provider, "i")
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    await provider.renew_orchestration_lock(item.lock_token, LEASE)
+    await assert_no_orchestration_work(provider)
+    await provider.abandon_orchestration_item(item.lock_token)
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+    await ack_fails(provider, ack_for(item, history=[raised(3)]))
+
+
+@direct_dispatch
+async def test_kept_lock_lapses_after_keep_lock_seconds(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """A kept lock lasts ``keep_lock`` seconds from the commit; then a fetch takes the instance."""
+    timeout = provider_factory.lock_timeout
+    item, _ = await _held_turn(provider, "i", keep=timeout)  # fetched with a far longer lease
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    await asyncio.sleep(timeout / 2)
+    await assert_no_orchestration_work(provider)
+    await asyncio.sleep(timeout / 2 + provider_factory.timing_slack)
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+    await ack_fails(provider, ack_for(item, history=[raised(3)]))
+
+
+@direct_dispatch
+async def test_message_waiting_at_commit_releases_a_kept_lock(provider: Provider) -> None:
+    """A message that arrived during the turn makes ``keep_lock`` release: the token fails, it is fetched."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i")
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    await ack_ok(provider, ack_for(item, history=[raised(2)], keep_lock=LEASE))
+    await raises_permanent(provider.renew_orchestration_lock(item.lock_token, LEASE))
+    await ack_fails(provider, ack_for(item, history=[raised(3)]))
+    assert await _event_ids(provider, "i") == [1, 2]
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+
+
+@direct_dispatch
+async def test_message_arriving_during_a_kept_lock_releases_it_at_the_next_ack(provider: Provider) -> None:
+    """A message arriving while a lock is kept is fetched once the next ack commits, ``keep_lock`` or not."""
+    item, lease = await _held_turn(provider, "i")
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    ack = ack_for(item, history=[raised(3)], completed_work_items=[lease.lock_token], keep_lock=LEASE)
+    await ack_ok(provider, ack)
+    await ack_fails(provider, ack_for(item, history=[raised(4)]))
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([late], 1)
+
+
+@direct_dispatch
+async def test_own_orchestrator_items_release_a_kept_lock(provider: Provider) -> None:
+    """An ack's own visible orchestrator items for its instance make ``keep_lock`` release the lock too."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i")
+    own = event_message("i", '"own"')
+    await ack_ok(provider, ack_for(item, history=[raised(2)], orchestrator_items=[own], keep_lock=LEASE))
+    await ack_fails(provider, ack_for(item, history=[raised(3)]))
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([own], 1)
+
+
+@direct_dispatch
+async def test_future_and_foreign_messages_do_not_release_a_kept_lock(provider: Provider) -> None:
+    """Messages not visible yet (timers), or for other instances, do not stop an ack keeping its lock."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i")
+    await enqueue(provider, timer_message("i", now_ms() + 60_000, source_id=2))  # arrived during the turn
+    sent = [timer_message("i", now_ms() + 60_000, source_id=3), event_message("other")]
+    await ack_ok(provider, ack_for(item, history=[raised(2)], orchestrator_items=sent, keep_lock=LEASE))
+    [fetched] = await fetch_items(provider)
+    assert fetched.instance_id == "other", "an instance whose lock was kept was fetched"
+    await ack_ok(provider, ack_for(item, history=[raised(3)]))  # the kept token still holds
+    assert await _event_ids(provider, "i") == [1, 2, 3]
+
+
+@direct_dispatch
+async def test_failed_ack_with_keep_lock_leaves_the_lock_as_it_was(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """A failed ack with ``keep_lock`` does not extend the lock: it lapses when the fetch's lease does."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i", provider_factory.lock_timeout)
+    await ack_fails(provider, ack_for(item, history=[raised(1)], keep_lock=LEASE))  # a duplicate event id
+    await _lapse(provider_factory)
+    again = await fetch_one(provider, "i")
+    assert (again.messages, again.attempt_count) == ([event_message("i")], 2)
+
+
+@direct_dispatch
+async def test_completed_work_items_are_deleted_by_the_ack(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """An ack deletes its ``completed_work_items``: they stay gone after their leases would have lapsed."""
+    item, lease = await _held_turn(provider, "i", lease_timeout=provider_factory.lock_timeout)
+    await ack_ok(provider, ack_for(item, history=[raised(3)], completed_work_items=[lease.lock_token]))
+    assert await _event_ids(provider, "i") == [1, 2, 3]
+    assert await provider.renew_work_item_locks([lease.lock_token], LEASE) == [False]
+    await _lapse(provider_factory)
+    await assert_no_work_items(provider)
+    await ack_work_fails(provider, lease.lock_token, result_message("i", 2))
+    await assert_no_orchestration_work(provider)
+
+
+@direct_dispatch
+async def test_fetched_and_direct_leases_complete_alike(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """Leases from a fetch and from a direct ack both work in ``completed_work_items``, in one ack."""
+    timeout = provider_factory.lock_timeout
+    await schedule_activities(provider, "i", 1)
+    fetched = await fetch_one_work(provider, timeout)
+    item, direct = await _held_turn(provider, "i", lease_timeout=timeout)
+    tokens = [fetched.lock_token, direct.lock_token]
+    await ack_ok(provider, ack_for(item, history=[raised(4)], completed_work_items=tokens))
+    assert await provider.renew_work_item_locks(tokens, LEASE) == [False, False]
+    await _lapse(provider_factory)
+    await assert_no_work_items(provider)
+
+
+@direct_dispatch
+@pytest.mark.parametrize("loss", ["unknown", "acked", "lapsed", "taken"])
+async def test_lost_completed_lease_fails_the_whole_ack(
+    provider: Provider, provider_factory: ProviderFactory, loss: str
+) -> None:
+    """An ack with a completed lease not held fails permanently and changes nothing: its lock still holds."""
+    await schedule_activities(provider, "i", 1)
+    lost = await fetch_one_work(provider, provider_factory.lock_timeout)
+    item, held = await _held_turn(provider, "i")
+    if loss == "acked":
+        await ack_work_ok(provider, lost)
+    elif loss in ("lapsed", "taken"):
+        await _lapse(provider_factory)
+        if loss == "taken":
+            assert (await fetch_one_work(provider)).item == lost.item
+    token = "no-such-work-token" if loss == "unknown" else lost.lock_token
+    new_work = activity("i", 5)
+    failing = ack_for(
+        item,
+        history=[raised(4), scheduled(5)],
+        worker_items=[new_work],
+        orchestrator_items=[event_message("other")],
+        completed_work_items=[held.lock_token, token],
+        keep_lock=LEASE,
+    )
+    await ack_fails(provider, failing)
+    assert await _event_ids(provider, "i") == [1, 2, 3]
+    assert new_work not in [lease.item for lease in await fetch_work(provider)]
+    await assert_no_orchestration_work(provider)  # no message for "other", and "i" still locked
+    assert await provider.renew_work_item_locks([held.lock_token], LEASE) == [True]
+    await ack_ok(provider, ack_for(item, history=[raised(4)], completed_work_items=[held.lock_token]))
+    assert await _event_ids(provider, "i") == [1, 2, 3, 4]
+
+
+@direct_dispatch
+async def test_failed_ack_deletes_no_completed_work_items(provider: Provider) -> None:
+    """An ack failing for another reason (duplicate event, lost lock) deletes no ``completed_work_items``."""
+    item, lease = await _held_turn(provider, "i")
+    await ack_fails(provider, ack_for(item, history=[raised(2)], completed_work_items=[lease.lock_token]))
+    assert await provider.renew_work_item_locks([lease.lock_token], LEASE) == [True]
+    await ack_ok(provider, ack_for(item, history=[raised(3)]))  # releases: the token is spent
+    await ack_fails(provider, ack_for(item, history=[raised(4)], completed_work_items=[lease.lock_token]))
+    assert await provider.renew_work_item_locks([lease.lock_token], LEASE) == [True]
+    await ack_work_ok(provider, lease, result_message("i", 2))
+
+
+@direct_dispatch
+async def test_lost_completed_lease_fails_alone_in_a_batch(provider: Provider) -> None:
+    """In a batch, only the ack with a lost completed lease fails; the others commit and delete theirs."""
+    held = {instance_id: await _held_turn(provider, instance_id) for instance_id in ("a", "b", "c")}
+
+    def turn(instance_id: str, token: str, **fields: object) -> OrchestrationAck:
+        item = held[instance_id][0]
+        return ack_for(item, history=[raised(3)], completed_work_items=[token], **fields)
+
+    acks = [
+        turn("a", held["a"][1].lock_token),
+        turn("b", "no-such-work-token"),
+        turn("c", held["c"][1].lock_token, keep_lock=LEASE),
+    ]
+    results = await provider.ack_orchestration_items(acks)
+    assert len(results) == 3, f"3 acks returned {len(results)} results"
+    first, failed, last = results
+    assert first is None, f"the first ack returned {first!r}"
+    assert_permanent(failed)
+    assert last is None, f"the last ack returned {last!r}"
+    tokens = [held[instance_id][1].lock_token for instance_id in ("a", "b", "c")]
+    assert await provider.renew_work_item_locks(tokens, LEASE) == [False, True, False]
+    assert [await _event_ids(provider, instance_id) for instance_id in ("a", "b", "c")] == [
+        [1, 2, 3],
+        [1, 2],
+        [1, 2, 3],
+    ]
+
+
+@requires_capability("wakeups")
+@direct_dispatch
+async def test_kept_lock_released_for_waiting_messages_wakes_waiters(
+    provider: Provider, provider_factory: ProviderFactory
+) -> None:
+    """With wake-ups, a ``keep_lock`` ack releasing because a message waits wakes orchestrator waiters."""
+    await start_instance(provider, "i")
+    await enqueue(provider, event_message("i"))
+    item = await fetch_one(provider, "i")
+    late = event_message("i", '"late"')
+    await enqueue(provider, late)
+    parked = asyncio.Event()
+
+    async def dispatcher() -> OrchestrationItem:
+        while True:
+            items = await provider.fetch_orchestration_items(1, LEASE)
+            if items:
+                return items[0]
+            parked.set()
+            await provider.wait_for_work("orchestrator", 30.0)
+
+    task = asyncio.ensure_future(dispatcher())
+    try:
+        await asyncio.wait_for(parked.wait(), 30.0)  # it found the instance locked and waits
+        await ack_ok(provider, ack_for(item, history=[raised(2)], keep_lock=LEASE))
+        try:
+            fetched = await asyncio.wait_for(asyncio.shield(task), provider_factory.wakeup_latency)
+        except TimeoutError:
+            pytest.fail(
+                f"a lock released for a waiting message woke no one in {provider_factory.wakeup_latency}s"
+            )
+        assert fetched.messages == [late]
+    finally:
+        task.cancel()
