@@ -513,9 +513,9 @@ class Runtime:
                     _log.warning(
                         "turn of %r was not committed (%s); it will run again", ack.instance_id, result
                     )
-                if result.retryable or ack.keep_lock is not None:
-                    # Also a lock the ack may have kept after all (a commit whose reply was lost).
-                    await self._abandon_turn(ack.lock_token)
+                # Release the lock if it is still held: a retryable failure left it, a failure of
+                # a held turn's leases leaves it, and a lost reply may have kept it after all.
+                await self._abandon_turn(ack.lock_token)
             if not retry:
                 return failed
             await asyncio.sleep(0.05 * attempt)
