@@ -102,24 +102,77 @@ _RELEASE_EMPTY_LOCKS = """
 DELETE FROM {s}.instance_locks WHERE lock_token = ANY (%(tokens)b::text[])
 """
 
+# Rendered twice (see _variant): the parts between "-- [direct" and "-- direct]" lines exist only in
+# the statement for batches that use keep_lock or completed_work_items, those between "-- [plain"
+# and "-- plain]" only in the other one, so acks that use neither pay nothing for them (not even the
+# parsing of a longer statement).
 _ACK_ORCHESTRATION = """
 WITH a AS MATERIALIZED (
     SELECT * FROM unnest(
         %(idx)b::int[], %(instance_id)b::text[], %(token)b::text[], %(execution_id)b::bigint[],
         %(parent)b::text[], %(cs_changed)b::bool[], %(cs)b::text[], %(name)b::text[], %(version)b::text[],
         %(status)b::text[], %(output)b::text[], %(last_event_id)b::bigint[]
+        -- [direct
+        , %(keep_ms)b::bigint[], %(consumed)b::int[]
+        -- direct]
     ) AS a(idx, instance_id, token, execution_id, parent, cs_changed, cs, name, version, status, output,
-           last_event_id)
+           last_event_id
+           -- [direct
+           , keep_ms, consumed
+           -- direct]
+           )
     ORDER BY a.instance_id
 ),
--- Validate the lock (token and lease) and release it; every step below joins this one, so an ack
--- whose lock is not held changes nothing. The deleted row stays locked until commit.
+-- [direct
+-- Direct dispatch: the worker rows of completed_work_items still leased by the listed tokens,
+-- row-locked in id order so that nobody takes (an expired lease), renews or deletes them before the
+-- commit. An ack goes ahead only if all of its leases are here (the gate in lk).
+held AS MATERIALIZED (
+    SELECT k.idx, w.id
+    FROM unnest(%(k_idx)b::int[], %(k_id)b::bigint[], %(k_token)b::text[]) AS k(idx, id, token)
+    JOIN {s}.worker_queue w ON w.id = k.id
+    WHERE w.id = ANY (%(k_id)b::bigint[]) AND w.lock_token = k.token AND w.locked_until_ms > {now}
+    ORDER BY w.id
+    FOR UPDATE OF w
+),
+-- direct]
+-- Validate the lock (token and lease) and the leases of completed_work_items, and release the lock;
+-- every step below joins this one, so an ack that fails either check changes nothing. The deleted
+-- row stays locked until commit, so nobody can take the instance over between the check and the
+-- commit.
 lk AS (
     DELETE FROM {s}.instance_locks l USING a
     WHERE l.instance_id = ANY (%(instance_id)b::text[])
       AND l.instance_id = a.instance_id AND l.lock_token = a.token AND l.locked_until_ms > {now}
+      -- [direct
+      AND (a.consumed = 0 OR a.consumed = (SELECT count(*) FROM held h WHERE h.idx = a.idx))
+      -- direct]
     RETURNING a.*
 ),
+-- [direct
+-- Direct dispatch: keep_lock puts the lock back, same token, with a new lease, unless a message of
+-- the instance waits behind it: one visible now and untagged by this lock (it arrived during the
+-- turn), or one this batch sends it (oq inserts those, and sibling steps cannot see what it inserts:
+-- they are counted from the parameters; a sender whose own ack fails only costs the keeping). The
+-- row was deleted by lk, in this transaction, so the insert meets no conflict; a fetcher racing it
+-- waits for the commit, then finds the lock live. (Delete-then-insert rather than an update keeps lk
+-- a single step, with the row estimate every plan below is built on.)
+relock AS (
+    INSERT INTO {s}.instance_locks (instance_id, lock_token, locked_until_ms)
+    SELECT lk.instance_id, lk.token, {now} + lk.keep_ms FROM lk
+    WHERE lk.keep_ms IS NOT NULL
+      AND NOT EXISTS (
+          SELECT 1 FROM {s}.orchestrator_queue q
+          WHERE q.instance_id = ANY (%(keep_inst)b::text[])
+            AND q.instance_id = lk.instance_id AND q.visible_at_ms <= {now}
+            AND q.lock_token IS DISTINCT FROM lk.token)
+      AND NOT EXISTS (
+          SELECT 1 FROM unnest(%(o_inst)b::text[], %(o_vis)b::bigint[]) AS o(instance_id, visible_at_ms)
+          WHERE o.instance_id = lk.instance_id AND coalesce(o.visible_at_ms, {now}) <= {now})
+    ORDER BY lk.instance_id
+    RETURNING 1
+),
+-- direct]
 inst AS (
     INSERT INTO {s}.instances AS i (instance_id, current_execution_id, parent_instance_id, custom_status,
                                     custom_status_version, created_at_ms, updated_at_ms)
@@ -157,7 +210,8 @@ ex_upd AS (
         updated_at_ms = {now},
         completed_at_ms = CASE WHEN lk.status IN {terminal} THEN {now} ELSE e.completed_at_ms END
     FROM lk
-    WHERE e.instance_id = lk.instance_id AND e.execution_id = lk.execution_id
+    WHERE e.instance_id = ANY (%(instance_id)b::text[])
+      AND e.instance_id = lk.instance_id AND e.execution_id = lk.execution_id
     RETURNING 1
 ),
 -- Append-only: the primary key rejects a duplicate event id and fails the statement.
@@ -203,25 +257,47 @@ oq AS (
 ),
 cx AS (
     DELETE FROM {s}.worker_queue w USING cancel c
-    WHERE w.instance_id = c.instance_id AND w.execution_id = c.execution_id AND w.activity_id = c.activity_id
+    WHERE w.instance_id = ANY (%(c_inst)b::text[])
+      AND w.instance_id = c.instance_id AND w.execution_id = c.execution_id AND w.activity_id = c.activity_id
     RETURNING 1
 ),
 dq AS (
     DELETE FROM {s}.orchestrator_queue q USING lk
-    WHERE q.instance_id = lk.instance_id AND q.lock_token = lk.token
+    WHERE q.instance_id = ANY (%(instance_id)b::text[])
+      AND q.instance_id = lk.instance_id AND q.lock_token = lk.token
     RETURNING 1
 )
+-- [direct
+,
+-- direct]
+-- [direct
+-- The work items consumed in memory (rows held above, of acks that passed the gate).
+kd AS (
+    DELETE FROM {s}.worker_queue w USING held h
+    WHERE w.id = ANY (%(k_id)b::bigint[]) AND w.id = h.id AND h.idx IN (SELECT lk.idx FROM lk)
+    RETURNING 1
+)
+-- direct]
 -- Acked positions; positions whose ack created the instance (the statement's snapshot does not see
 -- inst's insert, and holding the lock nobody else can create it meanwhile); whether a released
 -- instance still has visible messages that arrived during the lock (fetchers that found it locked
--- went back to sleep: they must be woken); the ids and stored tokens of the items leased directly.
+-- went back to sleep: they must be woken; a kept lock has none, or it would have been released);
+-- the ids and stored tokens of the items leased directly; the ids of the consumed items still
+-- leased (to name the lease that failed an ack).
 SELECT (SELECT array_agg(idx) FROM lk),
        (SELECT array_agg(lk.idx) FROM lk
         WHERE lk.last_event_id > 0
           AND NOT EXISTS (SELECT 1 FROM {s}.instances x WHERE x.instance_id = lk.instance_id)),
        EXISTS (SELECT 1 FROM lk JOIN {s}.orchestrator_queue q ON q.instance_id = lk.instance_id
-               WHERE q.visible_at_ms <= {now} AND q.lock_token IS DISTINCT FROM lk.token),
-       lw.ids, lw.tokens
+               WHERE q.instance_id = ANY (%(instance_id)b::text[])
+                 AND q.visible_at_ms <= {now} AND q.lock_token IS DISTINCT FROM lk.token),
+       lw.ids, lw.tokens,
+       -- [direct
+       (SELECT array_agg(id) FROM held)
+       -- direct]
+       -- [plain
+       NULL::bigint[]
+       -- plain]
 FROM (SELECT array_agg(id) AS ids, array_agg(lock_token) AS tokens FROM wq WHERE lock_token IS NOT NULL) lw
 """
 
@@ -436,6 +512,19 @@ WHERE instance_id = %(instance_id)b::text AND custom_status_version > %(version)
 
 
 _COMMENT = re.compile(r"--[^\n]*")
+_VARIANT_BLOCK = re.compile(r"^[ \t]*-- \[(direct|plain)\n(.*?)^[ \t]*-- \1\]\n", re.MULTILINE | re.DOTALL)
+
+
+def _variant(template: str, *, direct: bool) -> str:
+    """One variant of a template: with or without its direct-dispatch parts.
+
+    ``-- [direct``/``-- direct]`` blocks are kept only if ``direct``, ``-- [plain``/``-- plain]``
+    blocks only if not (blocks do not nest).
+    """
+    wanted = "direct" if direct else "plain"
+    return _VARIANT_BLOCK.sub(lambda m: m.group(2) if m.group(1) == wanted else "", template)
+
+
 _SPACES = re.compile(r"\s+")
 
 
@@ -446,6 +535,8 @@ class Statements:
     fetch_orchestration: bytes
     release_empty_locks: bytes
     ack_orchestration: bytes
+    #: The ack for batches using ``keep_lock`` or ``completed_work_items`` (same result columns).
+    ack_orchestration_direct: bytes
     abandon_orchestration: bytes
     renew_orchestration: bytes
     fetch_work: bytes
@@ -464,10 +555,11 @@ class Statements:
         """Render every statement with ``schema`` as a quoted identifier."""
         ident = sql.Identifier(schema)
 
-        def render(template: str) -> bytes:
+        def render(template: str, *, direct: bool = False) -> bytes:
             # Only {item_columns}, {item_joins}, {s}, {now}, {terminal} and {nosync} are
             # substituted; the rest is literal SQL.
-            text = template.replace("{item_columns}", _ITEM_COLUMNS).replace("{item_joins}", _ITEM_JOINS)
+            text = _variant(template, direct=direct)
+            text = text.replace("{item_columns}", _ITEM_COLUMNS).replace("{item_joins}", _ITEM_JOINS)
             text = text.replace("{now}", NOW).replace("{terminal}", TERMINAL).replace("{nosync}", NOSYNC)
             # Comments and indentation out: psycopg caches the parsing of a query only up to 4 KiB,
             # and the acks are longer than that as written. (No literal here holds "--" or runs of
@@ -480,6 +572,7 @@ class Statements:
             fetch_orchestration=render(_FETCH_ORCHESTRATION),
             release_empty_locks=render(_RELEASE_EMPTY_LOCKS),
             ack_orchestration=render(_ACK_ORCHESTRATION),
+            ack_orchestration_direct=render(_ACK_ORCHESTRATION, direct=True),
             abandon_orchestration=render(_ABANDON_ORCHESTRATION),
             renew_orchestration=render(_RENEW_ORCHESTRATION),
             fetch_work=render(_FETCH_WORK),

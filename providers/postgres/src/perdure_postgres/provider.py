@@ -49,7 +49,10 @@ Acks
     instance over between that check and the commit. A batch of acks is the same single statement
     over arrays (one round trip, one commit for the batch); if any ack fails with an error the
     statement is rolled back and the acks are replayed one per statement, so the failure is
-    reported in its own slot only. Worker acks of a batch are a single statement too.
+    reported in its own slot only. Worker acks of a batch are a single statement too. A step that
+    joins a table to the batch's rows also names the keys as ``= ANY(<array parameter>)``: the
+    generic plan of a prepared statement is built on the statistics of the moment (often of nearly
+    empty tables) and could otherwise scan a whole queue or index once the table has grown.
 
 Client calls
     Concurrent ``enqueue_orchestrator_messages`` and ``get_instance`` calls of one process are
@@ -81,6 +84,24 @@ Direct dispatch
     act in order. A chain of turns and activities then costs two round trips per step, and no
     notification: nothing it produces is left for another fetcher to hear about.
 
+    With ``keep_lock`` and ``completed_work_items`` it costs one. ``completed_work_items`` are
+    validated inside the gate step: the consumed worker rows still leased by the listed tokens are
+    row-locked first (``FOR UPDATE``, so a fetch taking over a lease as it lapses, a renewal or a
+    cancellation cannot change them before the commit; one that changed a row while the ack waited
+    is seen, since the lease is checked again on the row as committed), and an ack takes part only
+    if it holds every one of them, so one lost lease fails that ack alone and changes nothing. The
+    consumed rows are deleted with the rest. ``keep_lock`` puts the lock row back (same token, new
+    lease from the database clock) right after the gate deleted it, unless a message of the
+    instance waits: visible now and untagged by the lock in the statement's snapshot, or visible now
+    and sent to it by this batch (inserted by the same statement, so invisible to its other steps:
+    counted from the parameters). A released instance with such messages wakes the orchestrator
+    waiters, as for any lock. Delete-then-insert rather than an update keeps the gate one step, with
+    the row estimate every later step's plan is built on; the insert meets no conflict, as the row
+    is deleted by the same transaction, and a fetcher racing it waits for the commit and then finds
+    the lock live. A message committed by another transaction after the snapshot is not seen: it
+    waits for the holder's next ack (which sees it and releases) or for the kept lease to lapse.
+    Batches that use neither field run a statement rendered without those parts.
+
 Wake-ups
     After a commit the provider wakes its own waiters at once and posts a notification; a
     background task sends the posted notifications, coalesced (at most one per queue, tiny
@@ -91,9 +112,10 @@ Wake-ups
     (measured: ~70% of the client's backends waiting on it). A dedicated LISTEN connection that
     reconnects by itself feeds ``wait_for_work``; see :mod:`perdure_postgres._wakeups`. Instance
     notifications go out only for acks that create the instance or change its status or custom
-    status: a turn that only appends history has nobody to wake. An ack that releases an instance
-    with messages that arrived during its lock wakes the orchestrator waiters: those told of the
-    messages found the instance locked and went back to waiting.
+    status: a turn that only appends history has nobody to wake (a chain step on a kept lock sends
+    nothing at all). An ack that releases an instance with messages that arrived during its lock
+    wakes the orchestrator waiters: those told of the messages found the instance locked and went
+    back to waiting.
 
 Connections, errors, poolers
     psycopg 3 async with ``psycopg_pool.AsyncConnectionPool``; each pooled connection gets
@@ -607,6 +629,9 @@ class PostgresProvider(Provider):
         """Commit each turn atomically: one statement for the whole batch, per-ack fallback on error.
 
         With ``lease_worker_items`` the ack's result is the leases of the items it inserted leased.
+        An ack with ``keep_lock`` keeps its lock unless a message of its instance waits; one whose
+        ``completed_work_items`` are not all leased fails as a lost lock naming the first lease that
+        is not held, and changes nothing.
         """
         if not acks:
             return []
@@ -655,7 +680,9 @@ class PostgresProvider(Provider):
         params: dict[str, list[Any]] = {key: [] for key in _EncodedAck.KEYS}
         for position, entry in enumerate(batch):
             entry.add_to(params, position)
-        row = await (await _execute(conn, self._sql.ack_orchestration, params)).fetchone()
+        direct = any(entry.keep_ms is not None or entry.consumed for entry in batch)
+        query = self._sql.ack_orchestration_direct if direct else self._sql.ack_orchestration
+        row = await (await _execute(conn, query, params)).fetchone()
         done: set[int] = set(row[0] or ()) if row else set()
         created: set[int] = set(row[1] or ()) if row else set()
         # The stored token of a directly leased item is the uuid its ack chose; the lease's token
@@ -665,6 +692,7 @@ class PostgresProvider(Provider):
             if row and row[3]
             else {}
         )
+        held: set[int] = set(row[5] or ()) if row else set()
         results: list[OrchestrationAckResult] = []
         worker = False
         # Messages that arrived while an instance was locked are fetchable once the ack releases
@@ -674,7 +702,7 @@ class PostgresProvider(Provider):
         instances: list[str] = []
         for position, entry in enumerate(batch):
             if position not in done:
-                results.append(ProviderError.lock_lost("ack_orchestration_items", entry.ack.lock_token))
+                results.append(entry.lost(held))
                 continue
             worker = worker or entry.unleased_workers
             orchestrator_now = orchestrator_now or entry.orchestrator_now
@@ -1021,16 +1049,18 @@ class _EncodedAck:
     #: The array parameters of the batch statement, one element per ack (or per event/item).
     KEYS = (
         "idx", "instance_id", "token", "execution_id", "parent", "cs_changed", "cs", "name", "version",
-        "status", "output", "last_event_id", "h_idx", "h_event_id", "h_data", "c_idx", "c_inst", "c_exec",
-        "c_act", "w_idx", "w_inst", "w_exec", "w_act", "w_data", "w_lease_token", "w_lease_ms", "o_idx",
-        "o_inst", "o_data", "o_vis",
+        "status", "output", "last_event_id", "keep_ms", "consumed", "keep_inst", "h_idx", "h_event_id",
+        "h_data", "c_idx", "c_inst", "c_exec", "c_act", "w_idx", "w_inst", "w_exec", "w_act", "w_data",
+        "w_lease_token", "w_lease_ms", "o_idx", "o_inst", "o_data", "o_vis", "k_idx", "k_id", "k_token",
     )  # fmt: skip
 
     __slots__ = (
         "ack",
         "changed",
+        "consumed",
         "events",
         "index",
+        "keep_ms",
         "lease_ms",
         "lease_tokens",
         "orchestrator",
@@ -1059,6 +1089,29 @@ class _EncodedAck:
         self.lease_tokens = [str(uuid.uuid4()) for _ in range(leased)]
         #: Whether some worker item is left for fetchers (and so worth a wake-up).
         self.unleased_workers = len(self.workers) > leased
+        #: The lease of a kept lock, in milliseconds (``None``: release the lock).
+        self.keep_ms = self._keep_ms(ack)
+        #: ``(lease token, row id, stored token)`` of each distinct completed work item.
+        self.consumed: list[tuple[str, int, str]] = []
+        for token in dict.fromkeys(ack.completed_work_items):
+            parts = PostgresProvider._work_token(token)
+            if parts is None:  # not a token this provider handed out: no lease of it can be held
+                raise ProviderError.lock_lost("ack_orchestration_items", token)
+            self.consumed.append((token, *parts))
+
+    @staticmethod
+    def _keep_ms(ack: OrchestrationAck) -> int | None:
+        """``keep_lock`` in milliseconds; raises a permanent error for a bad value."""
+        seconds = ack.keep_lock
+        if seconds is None:
+            return None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ProviderError(
+                "ack_orchestration_items",
+                f"keep_lock must be a positive number of seconds, got {seconds!r}",
+                retryable=False,
+            )
+        return max(1, round(seconds * 1000))
 
     @staticmethod
     def _leased_count(ack: OrchestrationAck) -> int:
@@ -1112,6 +1165,10 @@ class _EncodedAck:
         params["status"].append(ack.status)
         params["output"].append(ack.output if ack.status is not None else None)
         params["last_event_id"].append(max((event_id for event_id, _ in self.events), default=0))
+        params["keep_ms"].append(self.keep_ms)
+        params["consumed"].append(len(self.consumed))
+        if self.keep_ms is not None:
+            params["keep_inst"].append(ack.instance_id)
         for event_id, data in self.events:
             params["h_idx"].append(position)
             params["h_event_id"].append(event_id)
@@ -1135,6 +1192,20 @@ class _EncodedAck:
             params["o_inst"].append(message.instance_id)
             params["o_data"].append(data)
             params["o_vis"].append(message.visible_at_ms)
+        for _, row_id, stored in self.consumed:
+            params["k_idx"].append(position)
+            params["k_id"].append(row_id)
+            params["k_token"].append(stored)
+
+    def lost(self, held: set[int]) -> ProviderError:
+        """The error of this ack when it was not applied, given the ids of the consumed rows held.
+
+        Names the first completed work item whose lease is not held, else the instance lock.
+        """
+        for token, row_id, _ in self.consumed:
+            if row_id not in held:
+                return ProviderError.lock_lost("ack_orchestration_items", token)
+        return ProviderError.lock_lost("ack_orchestration_items", self.ack.lock_token)
 
 
 #: How long ``wait_for_instance_change`` waits when it cannot rely on notifications.
