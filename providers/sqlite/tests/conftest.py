@@ -36,9 +36,9 @@ class SqliteFactory(ProviderFactory):
     async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
         assert isinstance(provider, SqliteProvider)
         await provider._execute(
-            "UPDATE history SET payload = '{corrupt' WHERE instance_id = ?1"
-            " AND execution_id = (SELECT execution_id FROM instances WHERE instance_id = ?1)",
-            (instance_id,),
+            "UPDATE history SET payload = '{corrupt' WHERE instance_id = :id"
+            " AND execution_id = (SELECT execution_id FROM instances WHERE instance_id = :id)",
+            {"id": instance_id},
         )
 
     async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
@@ -52,9 +52,9 @@ class SqliteFactory(ProviderFactory):
         assert isinstance(provider, SqliteProvider)
         [(count,)] = await provider._execute(
             "SELECT max("
-            " coalesce((SELECT max(attempt_count) FROM orchestrator_queue WHERE instance_id = ?1), 0),"
-            " coalesce((SELECT max(attempt_count) FROM worker_queue WHERE instance_id = ?1), 0))",
-            (instance_id,),
+            " coalesce((SELECT max(attempt_count) FROM orchestrator_queue WHERE instance_id = :id), 0),"
+            " coalesce((SELECT max(attempt_count) FROM worker_queue WHERE instance_id = :id), 0))",
+            {"id": instance_id},
         )
         return int(count)
 

@@ -35,6 +35,15 @@ INSTANCE_COLUMNS = (
 )
 
 
+def numbered(*values: Any) -> dict[str, Any]:
+    """Parameters for a statement with numbered placeholders (``?1``, ``?2``, ...).
+
+    sqlite3 treats those as named, and binding them from a sequence is deprecated (an error from
+    Python 3.14 on); a mapping keyed by their numbers is the supported form.
+    """
+    return {str(n): value for n, value in enumerate(values, 1)}
+
+
 def now_ms() -> int:
     """Read the application clock, in integer milliseconds."""
     return int(time.time() * 1000)
@@ -80,7 +89,12 @@ def fetch_orchestration(
     now = now_ms()
     chosen: list[str] = []
     seen: set[str] = set()
-    cursor = connection.execute(_SCAN_READY, (now,))
+    cursor = connection.execute(
+        _SCAN_READY,
+        numbered(
+            now,
+        ),
+    )
     try:
         for (instance_id,) in cursor:
             if instance_id not in seen:
@@ -266,12 +280,12 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
     lock_token = ack.lock_token
     keep_ms = ack.keep_ms
     if keep_ms is None:
-        held = execute(_ACK_RELEASE_LOCK, (instance_id, lock_token, now)).fetchall()
+        held = execute(_ACK_RELEASE_LOCK, numbered(instance_id, lock_token, now)).fetchall()
         if not held:
             raise ProviderError.lock_lost("ack_orchestration_items", lock_token)
         waiting = bool(held[0][0])
     else:
-        held = execute(_ACK_KEEP_LOCK, (instance_id, lock_token, now, now + keep_ms)).fetchall()
+        held = execute(_ACK_KEEP_LOCK, numbered(instance_id, lock_token, now, now + keep_ms)).fetchall()
         if not held:
             raise ProviderError.lock_lost("ack_orchestration_items", lock_token)
         own = ack.self_visible_at_ms
@@ -320,7 +334,7 @@ def ack_orchestration(connection: sqlite3.Connection, effects: Effects, ack: Ack
         connection.executemany(
             _INSERT_LEASED_WORKER,
             [
-                (first + n, token, until, *row, now)
+                numbered(first + n, token, until, *row, now)
                 for n, (token, row) in enumerate(zip(tokens, ack.leased_rows, strict=True))
             ],
         )
@@ -427,7 +441,7 @@ def abandon_orchestration(
     instance_id = instance_of_token("abandon_orchestration_item", lock_token)
     if connection.execute(_RELEASE_LOCK, (instance_id, lock_token, now)).rowcount != 1:
         raise ProviderError.lock_lost("abandon_orchestration_item", lock_token)
-    connection.execute(_ABANDON_MESSAGES, (delay_ms, now, ignore_attempt, instance_id, lock_token))
+    connection.execute(_ABANDON_MESSAGES, numbered(delay_ms, now, ignore_attempt, instance_id, lock_token))
     if effects is not None:
         effects.append((FX_ORCH, delay_ms <= 0, now + delay_ms if delay_ms > 0 else None))
 
@@ -467,7 +481,7 @@ def fetch_work(
     expired" is the single range condition ``visible_at_ms <= now``.
     """
     now = now_ms()
-    rows = connection.execute(_LEASE_WORK, (token_prefix, now + lock_ms, now, limit)).fetchall()
+    rows = connection.execute(_LEASE_WORK, numbered(token_prefix, now + lock_ms, now, limit)).fetchall()
     rows.sort()
     return rows
 
@@ -500,7 +514,7 @@ def ack_work(
     if instance_lock is not None and completion[2] <= now:
         instance_id: str = completion[0]
         token, lock_ms = instance_lock
-        if execute(_TRY_LOCK_INSTANCE, (instance_id, token, now + lock_ms, now)).rowcount == 1:
+        if execute(_TRY_LOCK_INSTANCE, numbered(instance_id, token, now + lock_ms, now)).rowcount == 1:
             return _tag(connection, instance_id, token, now)  # the caller runs it: no wake-up
     if effects is not None:
         effects.append((FX_ORCH, *wake))
@@ -522,7 +536,12 @@ def abandon_work(
     now = now_ms()
     row_id = row_of_token("abandon_work_item", lock_token)
     delay_ms = max(0, delay_ms)
-    if connection.execute(_ABANDON_WORK, (now, delay_ms, ignore_attempt, row_id, lock_token)).rowcount != 1:
+    if (
+        connection.execute(
+            _ABANDON_WORK, numbered(now, delay_ms, ignore_attempt, row_id, lock_token)
+        ).rowcount
+        != 1
+    ):
         raise ProviderError.lock_lost("abandon_work_item", lock_token)
     if effects is not None:
         effects.append((FX_WORKER, delay_ms == 0, now + delay_ms if delay_ms else None))
@@ -542,7 +561,7 @@ def renew_work(
     until = now + lock_ms
     execute = connection.execute
     return [
-        lease is not None and execute(_RENEW_WORK, (until, lease[0], lease[1], now)).rowcount == 1
+        lease is not None and execute(_RENEW_WORK, numbered(until, lease[0], lease[1], now)).rowcount == 1
         for lease in leases
     ]
 
@@ -590,7 +609,7 @@ def get_custom_status(
 
 
 def execute_sql(
-    connection: sqlite3.Connection, effects: Effects, sql: str, params: tuple[Any, ...]
+    connection: sqlite3.Connection, effects: Effects, sql: str, params: tuple[Any, ...] | dict[str, Any]
 ) -> list[Row]:
     """Run one arbitrary statement (tests and maintenance tools)."""
     return connection.execute(sql, params).fetchall()

@@ -628,7 +628,9 @@ class SqliteProvider(Provider):
 
     # -- maintenance -------------------------------------------------------------------------
 
-    async def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    async def _execute(
+        self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+    ) -> list[tuple[Any, ...]]:
         """Run one statement on the connection thread in its own transaction (tests, tooling)."""
         result: list[tuple[Any, ...]] = await self._call("execute", DURABLE, _store.execute_sql, sql, params)
         return result
