@@ -1270,24 +1270,7 @@ def _item_from_row(row: Sequence[Any]) -> OrchestrationItem:
     A message that cannot be decoded, or is not an orchestrator message, is reported in
     ``bad_messages`` (it stays tagged, so the ack deletes it), never raised.
     """
-    (
-        instance_id,
-        token,
-        attempt_count,
-        ids,
-        datas,
-        name,
-        version,
-        execution_id,
-        status,
-        output,
-        parent,
-        custom_status,
-        custom_status_version,
-        last_event_id,
-        created_at_ms,
-        updated_at_ms,
-    ) = row
+    instance_id, token, attempt_count, ids, datas = row[:5]
     messages: list[Message] = []
     bad: list[str] = []
     for message_id, data in zip(ids or (), datas or (), strict=True):
@@ -1302,22 +1285,8 @@ def _item_from_row(row: Sequence[Any]) -> OrchestrationItem:
             )
             continue
         messages.append(decoded)
-    info = None
-    if execution_id is not None:
-        info = _instance_info(
-            instance_id,
-            name,
-            version,
-            execution_id,
-            status,
-            output,
-            parent,
-            custom_status,
-            custom_status_version,
-            last_event_id,
-            created_at_ms,
-            updated_at_ms,
-        )
+    # The rest are the instance columns, NULL (no execution) while the instance is not created.
+    info = None if row[7] is None else _instance_info(instance_id, *row[5:])
     return OrchestrationItem(
         instance_id=instance_id,
         lock_token=token,
