@@ -37,6 +37,28 @@ _ITEM_COLUMNS = """it.instance_id, it.lock_token, it.attempt_count, it.ids, it.d
 _ITEM_JOINS = """LEFT JOIN {s}.instances i ON i.instance_id = it.instance_id
 LEFT JOIN {s}.executions e ON e.instance_id = i.instance_id AND e.execution_id = i.current_execution_id"""
 
+#: Lock the instances of ``won`` (columns instance_id, lock_ms) that no one holds, and tag their
+#: visible messages: shared by the fetch and the direct lock of a work-item ack, so both take an
+#: instance exactly alike.
+_LOCK_AND_TAG = """locks AS (
+    INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
+    SELECT w.instance_id, gen_random_uuid()::text, {now} + w.lock_ms
+    FROM won w ORDER BY w.instance_id
+    ON CONFLICT (instance_id) DO UPDATE
+        SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
+        WHERE l.locked_until_ms <= {now}
+    RETURNING l.instance_id, l.lock_token
+),
+tagged AS (
+    UPDATE {s}.orchestrator_queue q
+    SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
+    FROM locks k
+    -- The ANY() makes the instance index the obvious path, whatever the CTE's row estimate.
+    WHERE q.instance_id = ANY ((SELECT array_agg(k2.instance_id) FROM locks k2)::text[])
+      AND q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
+    RETURNING q.instance_id, q.id, q.attempt_count, q.data
+),"""
+
 _FETCH_ORCHESTRATION = """
 WITH scan AS MATERIALIZED (
     SELECT q.instance_id, row_number() OVER (ORDER BY q.visible_at_ms, q.id) AS rn
@@ -56,28 +78,11 @@ cand AS MATERIALIZED (
     SELECT instance_id, min(rn) AS rn FROM scan GROUP BY instance_id ORDER BY min(rn)
 ),
 won AS MATERIALIZED (
-    SELECT c.instance_id, c.rn FROM cand c
+    SELECT c.instance_id, c.rn, %(lease_ms)b::bigint AS lock_ms FROM cand c
     WHERE pg_try_advisory_xact_lock(%(ns)b::int4, hashtext(c.instance_id))
     LIMIT %(limit)b::bigint
 ),
-locks AS (
-    INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
-    SELECT w.instance_id, gen_random_uuid()::text, {now} + %(lease_ms)b::bigint
-    FROM won w ORDER BY w.instance_id
-    ON CONFLICT (instance_id) DO UPDATE
-        SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
-        WHERE l.locked_until_ms <= {now}
-    RETURNING l.instance_id, l.lock_token
-),
-tagged AS (
-    UPDATE {s}.orchestrator_queue q
-    SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
-    FROM locks k
-    -- The ANY() makes the instance index the obvious path, whatever the CTE's row estimate.
-    WHERE q.instance_id = ANY ((SELECT array_agg(k2.instance_id) FROM locks k2)::text[])
-      AND q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
-    RETURNING q.instance_id, q.id, q.attempt_count, q.data
-),
+{lock_and_tag}
 items AS (
     SELECT k.instance_id, k.lock_token, w.rn,
            max(t.attempt_count) AS attempt_count,
@@ -400,23 +405,7 @@ won AS MATERIALIZED (
     SELECT w.instance_id, w.id, w.lock_ms, w.ord FROM want w
     WHERE pg_try_advisory_xact_lock(%(ns)b::int4, hashtext(w.instance_id))
 ),
-locks AS (
-    INSERT INTO {s}.instance_locks AS l (instance_id, lock_token, locked_until_ms)
-    SELECT w.instance_id, gen_random_uuid()::text, {now} + w.lock_ms
-    FROM won w ORDER BY w.instance_id
-    ON CONFLICT (instance_id) DO UPDATE
-        SET lock_token = excluded.lock_token, locked_until_ms = excluded.locked_until_ms
-        WHERE l.locked_until_ms <= {now}
-    RETURNING l.instance_id, l.lock_token
-),
-tagged AS (
-    UPDATE {s}.orchestrator_queue q
-    SET lock_token = k.lock_token, attempt_count = q.attempt_count + 1
-    FROM locks k
-    WHERE q.instance_id = ANY ((SELECT array_agg(k2.instance_id) FROM locks k2)::text[])
-      AND q.instance_id = k.instance_id AND q.visible_at_ms <= {now}
-    RETURNING q.instance_id, q.id, q.attempt_count, q.data
-),
+{lock_and_tag}
 ins AS (
     INSERT INTO {s}.orchestrator_queue (instance_id, data, visible_at_ms, enqueued_at_ms, lock_token,
                                         attempt_count)
@@ -556,9 +545,9 @@ class Statements:
         ident = sql.Identifier(schema)
 
         def render(template: str, *, direct: bool = False) -> bytes:
-            # Only {item_columns}, {item_joins}, {s}, {now}, {terminal} and {nosync} are
-            # substituted; the rest is literal SQL.
-            text = _variant(template, direct=direct)
+            # Only {lock_and_tag}, {item_columns}, {item_joins}, {s}, {now}, {terminal} and
+            # {nosync} are substituted; the rest is literal SQL.
+            text = _variant(template, direct=direct).replace("{lock_and_tag}", _LOCK_AND_TAG)
             text = text.replace("{item_columns}", _ITEM_COLUMNS).replace("{item_joins}", _ITEM_JOINS)
             text = text.replace("{now}", NOW).replace("{terminal}", TERMINAL).replace("{nosync}", NOSYNC)
             # Comments and indentation out: psycopg caches the parsing of a query only up to 4 KiB,
