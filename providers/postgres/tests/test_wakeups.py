@@ -272,6 +272,17 @@ async def test_an_earlier_timer_shortens_a_wait_without_ending_it() -> None:
     assert 0.12 <= time.monotonic() - started < 0.4
 
 
+async def test_every_waiter_wakes_when_a_timer_comes_due() -> None:
+    # The first waiter to see the deadline must not swallow it: every runtime sharing this
+    # provider object fetches, not only the one whose sleep ended first.
+    hub = WakeHub()
+    hub.timer(now_ms() + 150)
+    started = time.monotonic()
+    waiters = [asyncio.ensure_future(hub.wait_for_work("orchestrator", 10)) for _ in range(3)]
+    await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert time.monotonic() - started < 1
+
+
 async def test_past_timer_counts_as_work_now() -> None:
     hub = WakeHub()
     hub.timer(now_ms() - 10)

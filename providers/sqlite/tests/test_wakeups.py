@@ -129,6 +129,18 @@ async def test_worker_abandon_delay_wakes_when_it_ends(db: SqliteProvider) -> No
     assert 0.25 < took < 0.3 + FAST
 
 
+async def test_every_waiter_wakes_when_delayed_work_comes_due(db: SqliteProvider) -> None:
+    # Two runtimes on one provider both wait; the first to see the due time must not swallow it,
+    # or the other sleeps a whole poll interval and can lose every race for a re-delayed item.
+    await create_instance(db, "a", activities=[2])
+    [lease] = await db.fetch_work_items(1, LOCK)
+    await db.abandon_work_item(lease.lock_token, delay=0.3)
+    await _drain(db)
+    waits = [asyncio.ensure_future(_elapsed(db.wait_for_work("worker", 10))) for _ in range(3)]
+    took = await asyncio.wait_for(asyncio.gather(*waits), 5)
+    assert all(0.25 < t < 0.3 + FAST for t in took), took
+
+
 async def test_instance_change_wakes_a_waiting_client(db: SqliteProvider) -> None:
     await create_instance(db, "a")
     assert await db.get_instance("a") is not None

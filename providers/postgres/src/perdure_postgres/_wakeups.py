@@ -143,6 +143,10 @@ class WakeHub:
                 if self._timers[0] <= now:
                     while self._timers and self._timers[0] <= now:
                         heapq.heappop(self._timers)
+                    # Wake every other waiter too (several runtimes may share this provider
+                    # object); this caller fetches now, so the signal is not left pending.
+                    signal.fire(work=True)
+                    signal.seen = signal.gen
                     return
                 remaining = min(remaining, (self._timers[0] - now) / 1000.0)
             if remaining <= 0:

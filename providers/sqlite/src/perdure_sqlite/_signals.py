@@ -45,13 +45,18 @@ async def _sleep_on(future: asyncio.Future[None], seconds: float) -> None:
 class WorkSignal:
     """Wake-ups for one queue: work that is visible now, and the times future work becomes due.
 
-    ``arrived`` leaves a sticky flag so that work produced while nobody waits (the dispatcher is
-    busy fetching) makes the next wait return at once instead of sleeping a full poll interval.
+    Work wakes every waiter, not just one: several runtimes may share this provider object, and
+    the one that happens to look first may lack the activity. A generation counter says that
+    work came (it arrived, or a due time passed) while a waiter slept, even when several waiters'
+    sleeps end at the same instant. ``arrived`` also leaves a sticky flag so that work produced
+    while nobody waits (the dispatcher is busy fetching) makes the next wait return at once
+    instead of sleeping a full poll interval.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending = False
+        self._generation = 0
         self._due: list[int] = []
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -59,6 +64,7 @@ class WorkSignal:
         """Work became visible now."""
         with self._lock:
             self._pending = True
+            self._generation += 1
             waiters, self._waiters = self._waiters, []
         _wake(waiters)
 
@@ -94,23 +100,32 @@ class WorkSignal:
         """Return when work arrived or came due, or after ``seconds``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
+        generation: int | None = None
         while True:
+            came_due: list[asyncio.Future[None]] | None = None
             with self._lock:
-                if self._pending:
+                if generation is None:
+                    generation = self._generation
+                if self._pending or self._generation != generation:
                     self._pending = False
                     return
                 now_ms = time.time() * 1000.0
                 if self._due and self._due[0] <= now_ms:
                     while self._due and self._due[0] <= now_ms:
                         heapq.heappop(self._due)
-                    return
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return
-                if self._due:
-                    remaining = min(remaining, (self._due[0] - now_ms) / 1000.0)
-                future: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(future)
+                    self._generation += 1
+                    came_due, self._waiters = self._waiters, []
+                else:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        return
+                    if self._due:
+                        remaining = min(remaining, (self._due[0] - now_ms) / 1000.0)
+                    future: asyncio.Future[None] = loop.create_future()
+                    self._waiters.append(future)
+            if came_due is not None:
+                _wake(came_due)  # the others race for it too
+                return
             try:
                 await _sleep_on(future, remaining)
             finally:
