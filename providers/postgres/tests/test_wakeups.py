@@ -94,6 +94,23 @@ async def test_a_local_timer_wakes_the_waiter_when_due(pg_provider: PostgresProv
     assert len(await pg_provider.fetch_orchestration_items(1, LEASE)) == 1
 
 
+async def test_a_worker_abandon_delay_wakes_a_local_waiter_when_it_ends(
+    pg_provider: PostgresProvider,
+) -> None:
+    # An activity no runtime here knows is put back with a delay; whichever runtime sharing this
+    # provider has it must be woken when the delay ends, not at its next poll.
+    await pg_provider.enqueue_orchestrator_messages([start("a")])
+    [item] = await pg_provider.fetch_orchestration_items(1, LEASE)
+    assert await pg_provider.ack_orchestration_items([first_ack(item, activities=1)]) == [None]
+    [lease] = await pg_provider.fetch_work_items(1, LEASE)
+    await pg_provider.wait_for_work("worker", 0)
+    await pg_provider.abandon_work_item(lease.lock_token, delay=0.3)
+    started = time.monotonic()
+    await pg_provider.wait_for_work("worker", 5)
+    assert 0.2 <= time.monotonic() - started < 0.3 + WAKE_BOUND
+    assert len(await pg_provider.fetch_work_items(1, LEASE)) == 1
+
+
 async def test_listener_reconnects_after_its_backend_is_terminated(
     make_provider: Any, admin: psycopg.Connection[Any]
 ) -> None:
@@ -283,6 +300,15 @@ async def test_every_waiter_wakes_when_a_timer_comes_due() -> None:
     assert time.monotonic() - started < 1
 
 
+async def test_due_times_are_per_queue() -> None:
+    hub = WakeHub()
+    hub.timer(now_ms() + 100, "worker")
+    orchestrator = asyncio.ensure_future(hub.wait_for_work("orchestrator", 0.6))
+    await asyncio.wait_for(hub.wait_for_work("worker", 5), 1)
+    assert not orchestrator.done()
+    await orchestrator
+
+
 async def test_past_timer_counts_as_work_now() -> None:
     hub = WakeHub()
     hub.timer(now_ms() - 10)
@@ -310,7 +336,8 @@ async def test_payloads(payload: str, worker: bool, orchestrator: bool, timer: b
     hub.handle_payload(payload)
     assert (hub._queues["worker"].gen == 1) is worker
     assert (hub._queues["orchestrator"].gen == 1) is orchestrator
-    assert bool(hub._timers) is timer
+    assert bool(hub._timers["orchestrator"]) is timer
+    assert hub._timers["worker"] == []
 
 
 def test_payloads_are_coalesced_per_queue() -> None:

@@ -5,8 +5,10 @@ fallback poll), never correctness. The pieces:
 
 * :class:`WakeHub` is what ``wait_for_work`` and ``wait_for_instance_change`` wait on. It is fed
   by the listener (other processes' commits), directly by the provider after its own commits (no
-  round trip through the server), and by a heap of future visibility times (durable timers) so a
-  waiter wakes when the earliest known timer is due.
+  round trip through the server), and by a heap of future visibility times per queue (durable
+  timers, abandon delays) so a waiter wakes when the earliest known one is due. Worker-queue
+  delays (only an unknown activity's backoff makes them) are known to this process alone; other
+  processes find that work by their fallback poll.
 * :class:`Listener` owns one non-pooled autocommit connection that LISTENs on the schema's
   channels. If the connection dies (``pg_terminate_backend``, a restart, a network cut) it
   reconnects by itself with jittered exponential backoff, and on every (re)connect wakes every
@@ -73,7 +75,7 @@ class WakeHub:
             "orchestrator": _QueueSignal(),
             "worker": _QueueSignal(),
         }
-        self._timers: list[int] = []
+        self._timers: dict[QueueName, list[int]] = {"orchestrator": [], "worker": []}
         self._instances: dict[str, _InstanceWait] = {}
 
     # -- producers -----------------------------------------------------------------------------
@@ -82,19 +84,20 @@ class WakeHub:
         """Work may be available on ``queue`` now."""
         self._queues[queue].fire(work=True)
 
-    def timer(self, at_ms: int) -> None:
-        """An orchestrator message becomes visible at ``at_ms`` (wall clock, milliseconds)."""
+    def timer(self, at_ms: int, queue: QueueName = "orchestrator") -> None:
+        """A message of ``queue`` becomes visible at ``at_ms`` (wall clock, milliseconds)."""
         if at_ms <= _now_ms():
-            self.work("orchestrator")
+            self.work(queue)
             return
-        earliest = self._timers[0] if self._timers else None
-        heapq.heappush(self._timers, at_ms)
-        if len(self._timers) > MAX_TIMERS:
-            self._timers = heapq.nsmallest(MAX_TIMERS // 2, self._timers)
-            heapq.heapify(self._timers)
+        timers = self._timers[queue]
+        earliest = timers[0] if timers else None
+        heapq.heappush(timers, at_ms)
+        if len(timers) > MAX_TIMERS:
+            timers[:] = heapq.nsmallest(MAX_TIMERS // 2, timers)  # in place: waiters hold it
+            heapq.heapify(timers)
         if earliest is None or at_ms < earliest:
             # Waiters recompute their deadline; this is not work, so they keep waiting.
-            self._queues["orchestrator"].fire(work=False)
+            self._queues[queue].fire(work=False)
 
     def instance_changed(self, instance_id: str) -> None:
         """The stored state of ``instance_id`` may have changed."""
@@ -125,7 +128,7 @@ class WakeHub:
     # -- consumers -----------------------------------------------------------------------------
 
     async def wait_for_work(self, queue: QueueName, timeout: float) -> None:
-        """Return when work may have arrived on ``queue``, a known timer is due, or at ``timeout``.
+        """Return when work may have arrived on ``queue``, a known due time passed, or at ``timeout``.
 
         Work signalled since the previous return (by any caller) makes it return at once, so a
         notification that lands between a caller's empty fetch and its wait is not lost.
@@ -136,19 +139,20 @@ class WakeHub:
             return
         start_gen = signal.gen
         deadline = time.monotonic() + max(0.0, timeout)
+        timers = self._timers[queue]
         while True:
             remaining = deadline - time.monotonic()
-            if queue == "orchestrator" and self._timers:
+            if timers:
                 now = _now_ms()
-                if self._timers[0] <= now:
-                    while self._timers and self._timers[0] <= now:
-                        heapq.heappop(self._timers)
+                if timers[0] <= now:
+                    while timers and timers[0] <= now:
+                        heapq.heappop(timers)
                     # Wake every other waiter too (several runtimes may share this provider
                     # object); this caller fetches now, so the signal is not left pending.
                     signal.fire(work=True)
                     signal.seen = signal.gen
                     return
-                remaining = min(remaining, (self._timers[0] - now) / 1000.0)
+                remaining = min(remaining, (timers[0] - now) / 1000.0)
             if remaining <= 0:
                 return
             event = signal.event

@@ -888,6 +888,7 @@ class PostgresProvider(Provider):
     ) -> None:
         """Release a lease without completing (optionally delayed, optionally uncounted)."""
         delay_ms = _delay_ms(delay)
+        visible_at = _now_ms() + delay_ms
         parts = self._work_token(lock_token)
         if parts is None:
             raise ProviderError.lock_lost("abandon_work_item", lock_token)
@@ -906,6 +907,8 @@ class PostgresProvider(Provider):
             raise ProviderError.lock_lost("abandon_work_item", lock_token)
         if delay_ms == 0:
             self._committed(worker=True)
+        elif self._hub is not None:
+            self._hub.timer(visible_at, "worker")  # this process only; others poll (module doc)
 
     async def renew_work_item_locks(self, lock_tokens: Sequence[str], lock_timeout: float) -> list[bool]:
         """Extend each held lease; False for a lease that is gone, expired or taken."""
