@@ -1,8 +1,10 @@
-"""Factories for the suite's own tests: InMemoryProvider, plain and behind FaultyProvider."""
+"""Factories for the suite's own tests: InMemoryProvider, plain and behind the core's wrappers."""
 
 from __future__ import annotations
 
+from perdure.codec_provider import CodecProvider
 from perdure.provider import Provider
+from perdure.serialization import CodecChain, ZlibCodec
 from perdure.testing import InMemoryProvider
 from perdure_provider_tests import ProviderFactory
 from perdure_provider_tests.faults import FaultyProvider
@@ -56,3 +58,25 @@ class FaultyMemoryFactory(MemoryFactory):
     async def drop_connections(self, provider: Provider) -> None:
         assert isinstance(provider, FaultyProvider)
         provider.drop_connections(times=3)
+
+
+class CodecMemoryFactory(MemoryFactory):
+    """InMemoryProvider behind CodecProvider: encoding payloads at rest must keep the contract."""
+
+    async def create(self) -> Provider:
+        return CodecProvider(InMemoryProvider(), CodecChain(ZlibCodec()))
+
+    @staticmethod
+    def _inner(provider: Provider) -> InMemoryProvider:
+        assert isinstance(provider, CodecProvider)
+        assert isinstance(provider.inner, InMemoryProvider)
+        return provider.inner
+
+    async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
+        await super().corrupt_history(self._inner(provider), instance_id)
+
+    async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
+        await super().corrupt_queue_message(self._inner(provider), instance_id)
+
+    async def attempt_count(self, provider: Provider, instance_id: str) -> int:
+        return await super().attempt_count(self._inner(provider), instance_id)
