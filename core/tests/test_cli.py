@@ -65,3 +65,29 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
         main(["start", url, "x", "--input", "not json"])
     code, _, err = run(capsys, "start", url, "x", "--id", "bad\x01id")
     assert code == 2 and "instance id" in err
+
+
+def test_status_shows_payloads_a_codec_wrote_as_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perdure.codec_provider import CodecProvider
+    from perdure.serialization import ZlibCodec
+
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    app = Registry()
+
+    @app.orchestration
+    async def secret(ctx: OrchestrationContext, name: str) -> str:
+        ctx.set_custom_status({"step": "done"})
+        return f"hello, {name}"
+
+    async def serve() -> None:
+        async with Runtime(CodecProvider(connect(url), ZlibCodec()), app) as runtime:
+            await runtime.client.start_orchestration(secret, "ann", instance_id="s-1")
+            await runtime.client.wait_for_orchestration("s-1", timeout=10)
+
+    asyncio.run(serve())
+    code, out, _ = run(capsys, "status", url, "s-1")
+    status = json.loads(out)
+    assert code == 0 and status["status"] == "completed"
+    assert status["output"].startswith("~zlib:") and status["custom_status"].startswith("~zlib:")

@@ -46,6 +46,16 @@ def _json_arg(text: str | None, what: str) -> Any:
         ) from None
 
 
+def _shown(text: str | None) -> Any:
+    """A stored payload for display: its JSON value, or the stored text a codec wrote."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # encoded by a CodecProvider; this command has no codec
+
+
 async def _run(args: argparse.Namespace) -> int:
     provider = _provider(args.url, migrate=args.command == "migrate")
     await provider.open()
@@ -64,11 +74,11 @@ async def _run(args: argparse.Namespace) -> int:
                 "version": status.version,
                 "status": status.status,
                 "execution_id": status.execution_id,
-                "output": None if status.output is None else json.loads(status.output),
+                "output": _shown(status.output),
                 "error": None
                 if status.error is None
                 else {"kind": status.error.kind, "type": status.error.type, "message": status.error.message},
-                "custom_status": status.custom_status_value(),
+                "custom_status": _shown(status.custom_status),
                 "parent_instance_id": status.parent_instance_id,
             }
             print(json.dumps(data, indent=2, ensure_ascii=False))
