@@ -58,9 +58,10 @@ async def child(ctx: OrchestrationContext, card: str) -> str:
 
 @app.orchestration
 async def checkout(ctx: OrchestrationContext, card: str) -> dict[str, Any]:
-    ctx.set_custom_status({"card": card})
+    approve = ctx.wait_for_event("approve")  # open in the first turn: an event raised after the
+    ctx.set_custom_status({"card": card})  # start is delivered, however slow the machine
     receipt = await ctx.call_activity(charge, card)
-    approval = await ctx.wait_for_event("approve")
+    approval = await approve
     nested = await ctx.call_sub_orchestration(child, card)
     return {"receipt": receipt, "approval": approval, "nested": nested}
 
@@ -100,7 +101,6 @@ async def test_the_store_holds_only_encoded_payloads(provider: Provider, cache_s
     store = wrapped(provider)
     async with Runtime(store, app, options(cache_size=cache_size)) as runtime:
         instance = await runtime.client.start_orchestration(checkout, SECRET)
-        await asyncio.sleep(0.2)
         await runtime.client.raise_event(instance, "approve", {"by": SECRET})
         status = await runtime.client.wait_for_orchestration(instance, timeout=20)
         # Without the cache every turn replays from history: a codec whose output differs each
@@ -176,9 +176,8 @@ async def test_payloads_stored_before_the_codec_still_read(provider: Provider) -
     plain = Client(provider)
     instance = await plain.start_orchestration(checkout, "old-card")
     store = wrapped(provider)
+    await plain.raise_event(instance, "approve", "yes")
     async with Runtime(store, app, options()) as runtime:
-        await asyncio.sleep(0.3)  # events match waits that already exist (positional)
-        await plain.raise_event(instance, "approve", "yes")
         status = await runtime.client.wait_for_orchestration(instance, timeout=20)
     assert status.result()["nested"] == "child saw old-card"
 
@@ -199,16 +198,19 @@ async def test_work_written_with_another_codec_waits_unharmed(provider: Provider
     right = CodecProvider(provider, NoncedXor("right"), retry_unreadable=0.3)
     wrong = CodecProvider(provider, NoncedXor("wrong"), retry_unreadable=0.3)
     instance = await Client(right).start_orchestration(checkout, SECRET)
-    async with Runtime(wrong, app, options(poll_interval=0.1)):
+    async with Runtime(wrong, app, options(poll_interval=0.1, orchestration_lock_timeout=1.0)):
         await asyncio.sleep(1.0)  # fetched and put back a few times
     assert await provider.get_instance(instance) is None, "the wrong codec must not run anything"
-    await asyncio.sleep(0.4)  # the last put-back delay
-    [item] = await provider.fetch_orchestration_items(1, 30)
+    for _ in range(100):  # until the last put-back delay (or a lock cut short by shutdown) ends
+        items = await provider.fetch_orchestration_items(1, 30)
+        if items:
+            break
+        await asyncio.sleep(0.05)
+    [item] = items
     assert item.attempt_count <= 1, "put back without counting: never poisoned"
     await provider.abandon_orchestration_item(item.lock_token, ignore_attempt=True)
 
     async with Runtime(right, app, options(poll_interval=0.1)) as runtime:
-        await asyncio.sleep(0.2)
         await runtime.client.raise_event(instance, "approve", True)
         status = await runtime.client.wait_for_orchestration(instance, timeout=20)
     assert status.result()["receipt"] == f"charged {SECRET}"
