@@ -183,9 +183,17 @@ class CodecProvider(Provider):
         return readable
 
     async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
-        """Encode every payload of each ack; decode the leases a direct-dispatch ack returns."""
+        """Encode every payload of each ack.
+
+        The leases a direct-dispatch ack returns are of its first worker items, in order, so they
+        get back the plain items the caller gave rather than decoding what was just encoded.
+        """
         results = await self.inner.ack_orchestration_items([self._encode_ack(a) for a in acks])
-        return [await self._decode_leases(r) if isinstance(r, list) else r for r in results]
+        for ack, result in zip(acks, results, strict=True):
+            if isinstance(result, list):
+                for lease, item in zip(result, ack.worker_items, strict=False):
+                    lease.item = item
+        return results
 
     async def abandon_orchestration_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
