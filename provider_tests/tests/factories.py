@@ -33,18 +33,20 @@ class MemoryFactory(ProviderFactory):
         return provider.stored_attempt_count(instance_id)
 
 
-class FaultyMemoryFactory(MemoryFactory):
-    """InMemoryProvider behind FaultyProvider: the wrapper must be transparent, and its injected
-    connection drops give the suite's drop_connections test a provider to recover."""
+class WrappedMemoryFactory(MemoryFactory):
+    """InMemoryProvider behind a wrapper that keeps it as ``inner``; the hooks reach through."""
+
+    def wrap(self, inner: InMemoryProvider) -> Provider:
+        raise NotImplementedError
 
     async def create(self) -> Provider:
-        return FaultyProvider(InMemoryProvider())
+        return self.wrap(InMemoryProvider())
 
     @staticmethod
     def _inner(provider: Provider) -> InMemoryProvider:
-        assert isinstance(provider, FaultyProvider)
-        assert isinstance(provider.inner, InMemoryProvider)
-        return provider.inner
+        inner = getattr(provider, "inner", None)
+        assert isinstance(inner, InMemoryProvider)
+        return inner
 
     async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
         await super().corrupt_history(self._inner(provider), instance_id)
@@ -54,29 +56,22 @@ class FaultyMemoryFactory(MemoryFactory):
 
     async def attempt_count(self, provider: Provider, instance_id: str) -> int:
         return await super().attempt_count(self._inner(provider), instance_id)
+
+
+class FaultyMemoryFactory(WrappedMemoryFactory):
+    """InMemoryProvider behind FaultyProvider: the wrapper must be transparent, and its injected
+    connection drops give the suite's drop_connections test a provider to recover."""
+
+    def wrap(self, inner: InMemoryProvider) -> Provider:
+        return FaultyProvider(inner)
 
     async def drop_connections(self, provider: Provider) -> None:
         assert isinstance(provider, FaultyProvider)
         provider.drop_connections(times=3)
 
 
-class CodecMemoryFactory(MemoryFactory):
+class CodecMemoryFactory(WrappedMemoryFactory):
     """InMemoryProvider behind CodecProvider: encoding payloads at rest must keep the contract."""
 
-    async def create(self) -> Provider:
-        return CodecProvider(InMemoryProvider(), CodecChain(ZlibCodec()))
-
-    @staticmethod
-    def _inner(provider: Provider) -> InMemoryProvider:
-        assert isinstance(provider, CodecProvider)
-        assert isinstance(provider.inner, InMemoryProvider)
-        return provider.inner
-
-    async def corrupt_history(self, provider: Provider, instance_id: str) -> None:
-        await super().corrupt_history(self._inner(provider), instance_id)
-
-    async def corrupt_queue_message(self, provider: Provider, instance_id: str) -> None:
-        await super().corrupt_queue_message(self._inner(provider), instance_id)
-
-    async def attempt_count(self, provider: Provider, instance_id: str) -> int:
-        return await super().attempt_count(self._inner(provider), instance_id)
+    def wrap(self, inner: InMemoryProvider) -> Provider:
+        return CodecProvider(inner, CodecChain(ZlibCodec()))
