@@ -78,6 +78,21 @@ def test_hello(tmp_path: Path) -> None:
     )
 
 
+def test_readme_quickstart(tmp_path: Path) -> None:
+    """The README's quickstart program runs as printed (from a fresh folder, as a user would)."""
+    readme = (EXAMPLES.parent / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"## Quickstart.*?```python\n(.*?)```", readme, re.DOTALL)
+    assert match, "README.md has no python block under its Quickstart heading"
+    script = tmp_path / "quickstart.py"
+    script.write_text(match.group(1), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['Hello, Ada!', 'Hello, Grace!', 'Hello, Barbara!']"
+    assert (tmp_path / "app.db").exists()
+
+
 def test_fan_out(tmp_path: Path) -> None:
     out = run_example("fan_out", tmp_path).stdout
     # 20 documents of 2 + 3 * i words each, plus the metadata helper after two failed attempts.
