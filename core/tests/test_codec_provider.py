@@ -228,6 +228,8 @@ def test_codec_names_that_cannot_be_stored_are_refused() -> None:
 
     with pytest.raises(ValueError, match="must not contain ':'"):
         CodecProvider(Any, Bad("a:b"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="codec must have a name"):
+        CodecProvider(Any, object())  # type: ignore[arg-type]
 
 
 def test_payload_limit_leaves_room_for_the_encoding(provider: Provider) -> None:

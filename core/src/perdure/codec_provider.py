@@ -87,6 +87,10 @@ class CodecProvider(Provider):
     """
 
     def __init__(self, inner: Provider, codec: Codec, *, retry_unreadable: float = 5.0) -> None:
+        if not isinstance(codec, Codec):
+            raise TypeError(
+                f"codec must have a name and encode(bytes) and decode(bytes) methods, got {codec!r}"
+            )
         if not codec.name or ":" in codec.name:
             raise ValueError(f"codec name {codec.name!r} must be non-empty and must not contain ':'")
         self.inner = inner
