@@ -234,6 +234,14 @@ async def test_opening_a_file_that_is_not_a_database_fails_permanently(tmp_path:
     assert not info.value.retryable
 
 
+async def test_a_missing_folder_is_named_in_the_error(tmp_path: Path) -> None:
+    db = SqliteProvider(tmp_path / "no" / "such" / "app.db")
+    with pytest.raises(ProviderError, match=r"folder '.*no/such' does not exist: create it first") as info:
+        await db.open()
+    assert not info.value.retryable
+    assert not (tmp_path / "no").exists()
+
+
 async def test_two_providers_on_one_file_share_the_queues_and_respect_locks(tmp_path: Path) -> None:
     path = tmp_path / "shared.db"
     async with SqliteProvider(path) as one, SqliteProvider(path) as two:

@@ -80,17 +80,25 @@ def connect(
             f"SQLite {sqlite3.sqlite_version} is too old: perdure-sqlite needs 3.35 or newer",
             retryable=False,
         )
-    connection = sqlite3.connect(
-        path,
-        timeout=busy_timeout,
-        isolation_level=None,
-        check_same_thread=True,
-        cached_statements=256,
-    )
+    try:
+        connection = sqlite3.connect(
+            path,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=True,
+            cached_statements=256,
+        )
+    except sqlite3.OperationalError as exc:
+        raise _cannot_open(path, exc) from exc
     try:
         execute = connection.execute
         if path != MEMORY:
-            mode = execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            try:
+                mode = execute("PRAGMA journal_mode=WAL").fetchone()[0]  # the file opens here
+            except sqlite3.OperationalError as exc:
+                if "unable to open" not in str(exc):
+                    raise
+                raise _cannot_open(path, exc) from exc
             if str(mode).lower() != "wal":
                 raise ProviderError(
                     "open", f"cannot switch {path!r} to WAL mode (got {mode!r})", retryable=False
@@ -109,6 +117,16 @@ def connect(
         connection.close()
         raise
     return connection
+
+
+def _cannot_open(path: str, exc: sqlite3.OperationalError) -> ProviderError:
+    folder = os.path.dirname(os.path.abspath(path))
+    hint = (
+        f"its folder {folder!r} does not exist: create it first"
+        if not os.path.isdir(folder)
+        else "check that the file and its folder are writable by this process"
+    )
+    return ProviderError("open", f"cannot open SQLite database {path!r} ({exc}): {hint}", retryable=False)
 
 
 def current_revision(connection: sqlite3.Connection) -> str | None:
