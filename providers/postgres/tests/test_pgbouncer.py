@@ -66,7 +66,9 @@ def bouncer_dsn(pg_dsn: str) -> Iterator[str]:
     command = [PGBOUNCER, str(folder / "pgbouncer.ini")]
     if os.geteuid() == 0:
         command[1:1] = ["-u", "postgres"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = folder / "output.txt"  # a file, not a pipe nobody reads that could fill and block it
+    with output.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
     dsn = f"host=127.0.0.1 port={port} dbname=app user={user}"
     try:
         deadline = time.monotonic() + 15
@@ -76,10 +78,7 @@ def bouncer_dsn(pg_dsn: str) -> Iterator[str]:
                 break
             except psycopg.OperationalError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    log = folder / "pgbouncer.log"
-                    output = process.stdout.read().decode() if process.stdout else ""
-                    detail = log.read_text() if log.exists() else output
-                    pytest.fail(f"pgbouncer did not start:\n{detail}")
+                    pytest.fail(f"pgbouncer did not start:\n{output.read_text(errors='replace')}")
                 time.sleep(0.1)
         yield dsn
     finally:
