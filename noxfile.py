@@ -20,7 +20,7 @@ import os
 
 import nox
 
-PYTHONS = ["3.11", "3.12", "3.13"]
+PYTHONS = ["3.11", "3.12", "3.13", "3.14"]
 PROVIDERS = ["memory", "sqlite", "postgres"]
 TEST_DEPS = ["pytest>=8", "pytest-asyncio>=0.23", "pytest-timeout", "pydantic>=2"]
 DISTS = {
