@@ -48,6 +48,8 @@ _log = logging.getLogger("perdure.codec_provider")
 
 #: The fields of events, messages and work items that hold payload JSON.
 _PAYLOAD_FIELDS = frozenset({"input", "output", "result", "data", "initial_custom_status"})
+#: Statuses whose output is error details, which stay plain (module docstring).
+_ERROR_STATUSES = frozenset({"failed", "cancelled"})
 T = TypeVar("T", Event, Message, ActivityExecute)
 
 
@@ -132,7 +134,7 @@ class CodecProvider(Provider):
         if info is None:
             return None
         output = info.output
-        if output is not None and info.status not in ("failed", "cancelled"):  # errors stay plain
+        if output is not None and info.status not in _ERROR_STATUSES:
             output = self.decode_text(output)
         custom = None if info.custom_status is None else self.decode_text(info.custom_status)
         return dataclasses.replace(info, output=output, custom_status=custom)
@@ -142,9 +144,17 @@ class CodecProvider(Provider):
         item.instance = self._decode_instance(item.instance)
         return item
 
+    async def _readable_item(self, item: OrchestrationItem) -> OrchestrationItem | None:
+        """``item`` decoded, or ``None`` after putting back an instance this codec cannot read."""
+        try:
+            return self._decode_item(item)
+        except PayloadCodecError as exc:
+            await self._put_back(item.lock_token, f"instance {item.instance_id!r}", exc, orchestration=True)
+            return None
+
     def _encode_ack(self, ack: OrchestrationAck) -> OrchestrationAck:
         output = ack.output
-        if output is not None and ack.status not in ("failed", "cancelled"):
+        if output is not None and ack.status not in _ERROR_STATUSES:
             output = self.encode_text(output)
         custom = ack.custom_status
         if ack.custom_status_changed and custom is not None:
@@ -176,15 +186,11 @@ class CodecProvider(Provider):
 
     async def fetch_orchestration_items(self, limit: int, lock_timeout: float) -> list[OrchestrationItem]:
         """Fetch and decode; an instance with a payload this codec cannot read is put back."""
-        readable: list[OrchestrationItem] = []
-        for item in await self.inner.fetch_orchestration_items(limit, lock_timeout):
-            try:
-                readable.append(self._decode_item(item))
-            except PayloadCodecError as exc:
-                await self._put_back(
-                    item.lock_token, f"instance {item.instance_id!r}", exc, orchestration=True
-                )
-        return readable
+        items = [
+            await self._readable_item(i)
+            for i in await self.inner.fetch_orchestration_items(limit, lock_timeout)
+        ]
+        return [item for item in items if item is not None]
 
     async def ack_orchestration_items(self, acks: Sequence[OrchestrationAck]) -> list[OrchestrationAckResult]:
         """Encode every payload of each ack.
@@ -219,17 +225,10 @@ class CodecProvider(Provider):
             dataclasses.replace(a, completion=None if a.completion is None else self._encode(a.completion))
             for a in acks
         ]
-        results: list[WorkItemAckResult] = []
-        for result in await self.inner.ack_work_items(encoded):
-            if isinstance(result, OrchestrationItem):
-                try:
-                    result = self._decode_item(result)
-                except PayloadCodecError as exc:
-                    where = f"instance {result.instance_id!r}"
-                    await self._put_back(result.lock_token, where, exc, orchestration=True)
-                    result = None
-            results.append(result)
-        return results
+        return [
+            await self._readable_item(r) if isinstance(r, OrchestrationItem) else r
+            for r in await self.inner.ack_work_items(encoded)
+        ]
 
     async def abandon_work_item(
         self, lock_token: str, *, delay: float = 0.0, ignore_attempt: bool = False
